@@ -1,0 +1,551 @@
+"""The gateway's one typed settings model.
+
+Sources, highest precedence first:
+
+1. environment variables ``QGW_<SECTION>__<KEY>`` (e.g. ``QGW_REKEY__INTERVAL_SECONDS=60``),
+2. the TOML file given with ``--config``,
+3. the defaults below.
+
+Unknown keys are errors in both the file and the environment (``QGW_GATEWAY__SITE_IDD`` is
+refused like ``gateway.site_idd``). Relative paths are relative to the folder of the config
+file, whichever source they came from.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tomllib
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from gateway.errors import ConfigError
+
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_hostport(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("must be HOST:PORT with a port from 0 to 65535")
+    return value
+
+
+HostPort = Annotated[str, Field(pattern=r"^\S+:\d{1,5}$")]
+
+
+class Role(StrEnum):
+    INITIATOR = "initiator"
+    RESPONDER = "responder"
+
+
+class GatewaySection(Section):
+    """This gateway and how it reaches its peer."""
+
+    site_id: str = Field(
+        "site-a", pattern=_NAME_PATTERN, description="Name of this site; shown in logs and metrics."
+    )
+    role: Role = Field(
+        Role.INITIATOR,
+        description="initiator connects to the peer and is the ETSI 014 master SAE; "
+        "responder listens and is the slave SAE. Exactly one of the two sites is initiator.",
+    )
+    listen: HostPort = Field(
+        "0.0.0.0:7443", description="HOST:PORT the responder listens on for the peer gateway."
+    )
+    peer: HostPort = Field(
+        "127.0.0.1:7443", description="HOST:PORT of the peer gateway (used by the initiator)."
+    )
+    connect_timeout_seconds: float = Field(
+        10.0, gt=0, le=300, description="Timeout for one TCP connect and one handshake."
+    )
+    reconnect_max_seconds: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="Upper bound of the jittered exponential reconnect back-off.",
+    )
+
+    @field_validator("listen", "peer")
+    @classmethod
+    def _hostport(cls, v: str) -> str:
+        return _check_hostport(v)
+
+
+class AuthMode(StrEnum):
+    PKI = "pki"
+    PSK = "psk"
+
+
+class AuthSection(Section):
+    """Bootstrap authentication (first handshake only; rekeys are QKD-authenticated)."""
+
+    mode: AuthMode = Field(
+        AuthMode.PKI, description="pki: ML-DSA X.509 certificates; psk: pre-shared key."
+    )
+    cert: Path | None = Field(None, description="pki: this gateway's ML-DSA certificate (PEM).")
+    key: Path | None = Field(
+        None, description="pki: this gateway's ML-DSA private key (PEM, mode 0600)."
+    )
+    ca: Path | None = Field(
+        None, description="pki: the site CA certificate(s) trusted for the peer (PEM)."
+    )
+    peer_name: str = Field(
+        "site-b",
+        pattern=_NAME_PATTERN,
+        description="Identity the peer must prove: the DNS name in its certificate SAN (pki) "
+        "or its site_id (psk). Must differ from our own identity.",
+    )
+    psk_file: Path | None = Field(
+        None, description="psk: file with the 32-byte pre-shared key (mode 0600)."
+    )
+
+    @model_validator(mode="after")
+    def _mode_fields(self) -> AuthSection:
+        missing: list[str] = []
+        if self.mode is AuthMode.PKI:
+            missing = [n for n in ("cert", "key", "ca") if getattr(self, n) is None]
+        elif self.psk_file is None:
+            missing = ["psk_file"]
+        if missing:
+            raise ValueError(f"auth.mode = {self.mode.value!r} needs {', '.join(missing)}")
+        return self
+
+
+class QkdMode(StrEnum):
+    REQUIRED = "required"
+    PREFERRED = "preferred"
+    OFF = "off"
+
+
+class QkdSourceKind(StrEnum):
+    ETSI014 = "etsi014"
+    STATIC = "static"
+
+
+class QkdSection(Section):
+    """Where QKD keys come from and what to do without them."""
+
+    mode: QkdMode = Field(
+        QkdMode.REQUIRED,
+        description="required: no traffic without a QKD key (fail closed, alarm, retry); "
+        "preferred: continue on ML-KEM+X25519 with an alarm, absence recorded in the transcript; "
+        "off: PQC only.",
+    )
+    source: QkdSourceKind = Field(
+        QkdSourceKind.ETSI014,
+        description="etsi014: the site's KME; static: a key file (tests only).",
+    )
+    kme_url: str = Field(
+        "https://127.0.0.1:8443", description="Base URL of the site's KME (ETSI GS QKD 014, HTTPS)."
+    )
+    sae_id: str = Field("sae-a", min_length=1, max_length=128, description="Our SAE ID at the KME.")
+    peer_sae_id: str = Field(
+        "sae-b", min_length=1, max_length=128, description="The peer gateway's SAE ID."
+    )
+    cert: Path | None = Field(None, description="Client certificate for mTLS to the KME (PEM).")
+    key: Path | None = Field(
+        None, description="Client private key for mTLS to the KME (PEM, mode 0600)."
+    )
+    ca: Path | None = Field(None, description="CA that signs the KME's server certificate (PEM).")
+    key_size_bits: int = Field(
+        256, ge=256, le=8192, multiple_of=8, description="Size of each QKD key requested (bits)."
+    )
+    static_file: Path | None = Field(
+        None, description="static source: file of keys shared by both sites (tests and labs only)."
+    )
+    timeout_seconds: float = Field(5.0, gt=0, le=120, description="Timeout of one KME request.")
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> QkdSection:
+        if self.mode is QkdMode.OFF:
+            return self
+        if self.source is QkdSourceKind.ETSI014:
+            missing = [n for n in ("cert", "key", "ca") if getattr(self, n) is None]
+            if missing:
+                raise ValueError(f"qkd.source = 'etsi014' needs {', '.join(missing)}")
+            if not self.kme_url.startswith("https://"):
+                raise ValueError("qkd.kme_url must be https:// (ETSI GS QKD 014 requires TLS)")
+        elif self.static_file is None:
+            raise ValueError("qkd.source = 'static' needs static_file")
+        if self.sae_id == self.peer_sae_id:
+            raise ValueError("qkd.sae_id and qkd.peer_sae_id must differ")
+        return self
+
+
+class Suite(StrEnum):
+    MLKEM768_X25519 = "mlkem768-x25519-aes256gcm-sha384"
+    MLKEM1024_X25519 = "mlkem1024-x25519-aes256gcm-sha384"
+
+
+class CryptoSection(Section):
+    """Algorithm suite (a fixed menu; both sites must agree, no negotiation downwards)."""
+
+    suite: Suite = Field(
+        Suite.MLKEM768_X25519,
+        description="Key exchange + record suite. Both sites must configure the same.",
+    )
+    provider: Literal["pyca", "oqs"] = Field(
+        "pyca",
+        description="PQC provider: pyca (cryptography, default) or oqs (liboqs-python, extra [oqs]).",
+    )
+
+
+class RekeySection(Section):
+    """When a new epoch is negotiated (whichever limit comes first)."""
+
+    interval_seconds: float = Field(
+        120.0,
+        ge=1,
+        le=86400,
+        description="Rekey period in seconds (120 s as WireGuard and Rosenpass).",
+    )
+    max_records: int = Field(
+        2**24,
+        ge=16,
+        le=2**24 + 2**23,
+        description="Records per key before a forced rekey (RFC 8446 5.5: AES-GCM limit ~2^24.5).",
+    )
+    max_bytes: int = Field(
+        2**36, ge=2**16, le=2**40, description="Plaintext bytes per key before a forced rekey."
+    )
+
+
+class Direction(StrEnum):
+    OUT = "out"
+    IN = "in"
+    BOTH = "both"
+
+
+class Rule(Section):
+    """One topic rule, like a mosquitto bridge ``topic`` line."""
+
+    pattern: str = Field(
+        ..., min_length=1, description="MQTT topic filter (after the prefix), e.g. 'sensors/#'."
+    )
+    direction: Direction = Field(
+        Direction.OUT, description="out: local -> peer; in: peer -> local; both."
+    )
+    qos: Literal[0, 1] = Field(1, description="QoS used on both brokers for this rule.")
+    local_prefix: str = Field("", description="Prefix of the topic on the local broker.")
+    remote_prefix: str = Field("", description="Prefix of the topic on the peer's broker.")
+
+    @field_validator("pattern")
+    @classmethod
+    def _filter(cls, v: str) -> str:
+        parts = v.split("/")
+        for i, p in enumerate(parts):
+            if "#" in p and (p != "#" or i != len(parts) - 1):
+                raise ValueError("'#' must be a whole last level")
+            if "+" in p and p != "+":
+                raise ValueError("'+' must be a whole level")
+        return v
+
+
+class MqttSection(Section):
+    """The local broker."""
+
+    broker: str = Field(
+        "mqtt://127.0.0.1:1883",
+        pattern=r"^mqtts?://",
+        description="Local broker URL, mqtt:// or mqtts://.",
+    )
+    client_id: str = Field(
+        "qgw-site-a",
+        min_length=1,
+        max_length=64,
+        description="MQTT client id (persistent session).",
+    )
+    username: str | None = Field(None, description="Broker user name.")
+    password: SecretStr | None = Field(
+        None, description="Broker password (never printed; prefer the environment)."
+    )
+    tls_ca: Path | None = Field(None, description="CA for mqtts:// (PEM).")
+    tls_cert: Path | None = Field(None, description="Client certificate for mqtts:// (PEM).")
+    tls_key: Path | None = Field(None, description="Client key for mqtts:// (PEM, mode 0600).")
+    max_payload_bytes: int = Field(
+        1 << 20,
+        ge=1024,
+        le=256 << 20,
+        description="Largest payload carried (larger ones are counted and dropped).",
+    )
+    inflight: int = Field(
+        256, ge=1, le=65535, description="Messages in flight to the peer before backpressure."
+    )
+    rules: list[Rule] = Field(default_factory=list, description="Topic rules ([[mqtt.rules]]).")
+
+
+class MetricsSection(Section):
+    """Health and Prometheus metrics over HTTP."""
+
+    listen: str = Field(
+        "127.0.0.1:9464",
+        description="HOST:PORT for /healthz, /readyz, /metrics; empty string disables.",
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _hostport(cls, v: str) -> str:
+        return v if v == "" else _check_hostport(v)
+
+
+class LoggingSection(Section):
+    """Logging. Secrets are never logged; a filter redacts anything that looks like one."""
+
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    format: Literal["text", "json"] = Field(
+        "text", description="text or json (one object per line)."
+    )
+
+
+class Settings(BaseSettings):
+    """Complete configuration of one gateway."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="QGW_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    gateway: GatewaySection = Field(
+        default_factory=GatewaySection, description="This gateway and its peer."
+    )
+    auth: AuthSection = Field(..., description="Bootstrap authentication (required section).")
+    qkd: QkdSection = Field(..., description="QKD key source and policy (required section).")
+    crypto: CryptoSection = Field(default_factory=CryptoSection, description="Algorithm suite.")
+    rekey: RekeySection = Field(default_factory=RekeySection, description="Rekey limits.")
+    mqtt: MqttSection = Field(
+        default_factory=MqttSection, description="Local broker and topic rules."
+    )
+    metrics: MetricsSection = Field(default_factory=MetricsSection, description="Metrics HTTP.")
+    logging: LoggingSection = Field(default_factory=LoggingSection, description="Logging.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the file (passed as init values); no dotenv, no secrets dir.
+        return (env_settings, init_settings)
+
+
+@dataclass(frozen=True, slots=True)
+class FileRef:
+    """A file the configuration points at."""
+
+    key: str  # dotted key path, e.g. "auth.key"
+    path: Path
+    secret: bool  # private key / PSK: must not be readable by group or others
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        else:
+            parts.append(("." if parts else "") + item)
+    return "".join(parts)
+
+
+def _problems_from(exc: ValidationError) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    for err in exc.errors(include_input=False, include_url=False):
+        loc = tuple(x for x in err["loc"] if x not in ("function-after",))
+        key = _format_loc(loc)
+        if err["type"] == "extra_forbidden":
+            problems.append((key, "unknown key"))
+            continue
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        problems.append((key, msg))
+    return problems
+
+
+def _resolve(base: Path, value: Path | None) -> Path | None:
+    if value is None:
+        return None
+    value = value.expanduser()
+    return value if value.is_absolute() else (base / value)
+
+
+def _resolve_paths(settings: Settings, base: Path) -> Settings:
+    def fix(section: BaseModel) -> BaseModel:
+        updates: dict[str, Any] = {}
+        for name, field in type(section).model_fields.items():
+            val = getattr(section, name)
+            if isinstance(val, Path):
+                updates[name] = _resolve(base, val)
+            del field
+        return section.model_copy(update=updates) if updates else section
+
+    return settings.model_copy(
+        update={name: fix(getattr(settings, name)) for name in ("auth", "qkd", "mqtt")}
+    )
+
+
+def load_settings(path: Path | str, environ: dict[str, str] | None = None) -> Settings:
+    """Load a config file (TOML) with environment overrides; raise ConfigError on any problem."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([("", f"cannot read config file {path}: {exc.strerror}")]) from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError([("", f"{path} is not valid TOML: {exc}")]) from exc
+    return settings_from_dict(data, base=path.resolve().parent, environ=environ)
+
+
+def settings_from_dict(
+    data: dict[str, Any], base: Path, environ: dict[str, str] | None = None
+) -> Settings:
+    """Build settings from an already parsed mapping (used by tests and ``init-demo``)."""
+    saved: dict[str, str] | None = None
+    if environ is not None:
+        # pydantic-settings reads os.environ; swap in the given mapping for this call.
+        saved = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(environ)
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_problems_from(exc)) from None
+    finally:
+        if saved is not None:
+            os.environ.clear()
+            os.environ.update(saved)
+    return _resolve_paths(settings, base)
+
+
+def referenced_files(s: Settings) -> list[FileRef]:
+    """Every file the configuration points at, in the sections that are in effect."""
+    refs: list[FileRef] = []
+
+    def add(key: str, path: Path | None, secret: bool) -> None:
+        if path is not None:
+            refs.append(FileRef(key, path, secret))
+
+    if s.auth.mode is AuthMode.PKI:
+        add("auth.cert", s.auth.cert, False)
+        add("auth.key", s.auth.key, True)
+        add("auth.ca", s.auth.ca, False)
+    else:
+        add("auth.psk_file", s.auth.psk_file, True)
+    if s.qkd.mode is not QkdMode.OFF:
+        if s.qkd.source is QkdSourceKind.ETSI014:
+            add("qkd.cert", s.qkd.cert, False)
+            add("qkd.key", s.qkd.key, True)
+            add("qkd.ca", s.qkd.ca, False)
+        else:
+            add("qkd.static_file", s.qkd.static_file, True)
+    add("mqtt.tls_ca", s.mqtt.tls_ca, False)
+    add("mqtt.tls_cert", s.mqtt.tls_cert, False)
+    add("mqtt.tls_key", s.mqtt.tls_key, True)
+    return refs
+
+
+@dataclass(frozen=True, slots=True)
+class FileCheck:
+    missing: list[FileRef]
+    problems: list[tuple[str, str]]
+
+
+def check_files(s: Settings) -> FileCheck:
+    """Check that referenced files exist, are regular files, and secrets are mode 0600 (or stricter)."""
+    missing: list[FileRef] = []
+    problems: list[tuple[str, str]] = []
+    for ref in referenced_files(s):
+        try:
+            st = ref.path.stat()
+        except FileNotFoundError:
+            missing.append(ref)
+            continue
+        except OSError as exc:
+            problems.append((ref.key, f"cannot access {ref.path}: {exc.strerror}"))
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            problems.append((ref.key, f"{ref.path} is not a regular file"))
+            continue
+        if ref.secret and st.st_mode & 0o077:
+            mode = stat.S_IMODE(st.st_mode)
+            msg = (
+                f"{ref.path} is readable by group or others (mode {mode:04o}); refusing to use "
+                f"a secret file that is not private: chmod 600 {ref.path}"
+            )
+            problems.append((ref.key, msg))
+    return FileCheck(missing, problems)
+
+
+def require_files(s: Settings) -> None:
+    """Raise ConfigError unless every referenced file exists with safe permissions (for ``run``)."""
+    fc = check_files(s)
+    problems = list(fc.problems) + [(m.key, f"file not found: {m.path}") for m in fc.missing]
+    if problems:
+        raise ConfigError(problems)
+
+
+def redacted_dump(s: Settings) -> dict[str, Any]:
+    """The effective configuration as plain data, secrets replaced by ``"<redacted>"``."""
+    data = s.model_dump(mode="json")
+    if s.mqtt.password is not None:
+        data["mqtt"]["password"] = "<redacted>"  # noqa: S105 -- the placeholder, not a secret
+    return data
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """Render plain data as TOML (enough for the configuration shape: tables, arrays of tables)."""
+    out: list[str] = []
+
+    def scalar(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(scalar(x) for x in v) + "]"
+        raise TypeError(type(v).__name__)
+
+    for section, body in data.items():
+        tables = {
+            k: v for k, v in body.items() if isinstance(v, list) and v and isinstance(v[0], dict)
+        }
+        out.append(f"[{section}]")
+        for k, v in body.items():
+            if k in tables or v is None:
+                continue
+            out.append(f"{k} = {scalar(v)}")
+        out.append("")
+        for k, rows in tables.items():
+            for row in rows:
+                out.append(f"[[{section}.{k}]]")
+                out.extend(f"{rk} = {scalar(rv)}" for rk, rv in row.items() if rv is not None)
+                out.append("")
+    return "\n".join(out)
