@@ -28,7 +28,10 @@ stamp=.venv/.qgw-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "setup: installing qgw[dev] into .venv" >&2
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-    .venv/bin/python -m pip install -q -e ".[dev]" 2>&1 | grep -v '^WARNING: Location' || true
+    if ! .venv/bin/python -m pip install -q -e ".[dev]" >.venv/pip-install.log 2>&1; then
+        cat .venv/pip-install.log >&2
+        exit 1
+    fi
     .venv/bin/python -c "import gateway, cryptography, aiomqtt, aiohttp, pydantic_settings" 
     touch "$stamp"
 fi
