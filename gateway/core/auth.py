@@ -1,0 +1,119 @@
+"""Bootstrap authenticators (docs/protocol.md §3): ML-DSA PKI or PSK.
+
+The core calls these; they own the long-term credentials. Certificate validity needs wall
+time, so the PKI authenticator takes a clock; the core itself never reads one.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from gateway.core.labels import PSK_LEN, SIG_CONTEXT, AuthModeId
+from gateway.crypto import Provider, SigAlg, SigPrivateKey
+from gateway.errors import AuthenticationError
+
+
+@dataclass(frozen=True, slots=True)
+class PeerIdentity:
+    name: str
+    fingerprint: str  # short hash of the certificate or "psk"
+
+
+class Authenticator(Protocol):
+    mode: AuthModeId
+    identity: str
+    certs: tuple[bytes, ...]
+
+    def sign(self, message: bytes) -> bytes: ...
+
+    def verify(
+        self, certs: tuple[bytes, ...], expected_name: str, message: bytes, auth: bytes
+    ) -> PeerIdentity:
+        """Raise AuthenticationError unless ``auth`` proves ``expected_name`` signed ``message``."""
+        ...
+
+    def psk(self) -> bytes | None: ...
+
+
+class PskAuthenticator:
+    """PSK mode: the core uses the PSK for the admission MAC, the auth MACs and KS1."""
+
+    mode = AuthModeId.PSK
+    certs: tuple[bytes, ...] = ()
+
+    def __init__(self, identity: str, psk: bytes) -> None:
+        if len(psk) != PSK_LEN:
+            raise AuthenticationError("PSK must be 32 bytes")
+        self.identity = identity
+        self._psk = psk
+
+    def sign(self, message: bytes) -> bytes:
+        raise AuthenticationError("PSK mode has no signatures")
+
+    def verify(
+        self, certs: tuple[bytes, ...], expected_name: str, message: bytes, auth: bytes
+    ) -> PeerIdentity:
+        raise AuthenticationError("PSK mode has no signatures")
+
+    def psk(self) -> bytes | None:
+        return self._psk
+
+    def __repr__(self) -> str:
+        return f"PskAuthenticator({self.identity!r}, psk=<secret>)"
+
+
+class CertVerifier(Protocol):
+    def __call__(
+        self, chain_der: list[bytes], expected_name: str, now: datetime.datetime
+    ) -> tuple[str, SigAlg, bytes, str]:
+        """Return (name, algorithm, raw public key, fingerprint) or raise AuthenticationError."""
+        ...
+
+
+class PkiAuthenticator:
+    """PKI mode: ML-DSA certificate chain under the site CA; the name is the SAN DNS name."""
+
+    mode = AuthModeId.PKI
+
+    def __init__(
+        self,
+        identity: str,
+        *,
+        certs: tuple[bytes, ...],
+        key: SigPrivateKey,
+        provider: Provider,
+        verifier: CertVerifier,
+        clock: Callable[[], datetime.datetime] | None = None,
+    ) -> None:
+        self.identity = identity
+        self.certs = certs
+        self._key = key
+        self._provider = provider
+        self._verifier = verifier
+        self._clock = clock or (lambda: datetime.datetime.now(datetime.UTC))
+
+    def sign(self, message: bytes) -> bytes:
+        return self._provider.sign(self._key, message, SIG_CONTEXT)
+
+    def verify(
+        self, certs: tuple[bytes, ...], expected_name: str, message: bytes, auth: bytes
+    ) -> PeerIdentity:
+        if not certs:
+            raise AuthenticationError("peer sent no certificate")
+        name, alg, public, fingerprint = self._verifier(list(certs), expected_name, self._clock())
+        if name != expected_name:
+            raise AuthenticationError(
+                f"peer certificate is for {name!r}, expected {expected_name!r}"
+            )
+        if not self._provider.verify(alg, public, message, auth, SIG_CONTEXT):
+            raise AuthenticationError("peer signature does not verify")
+        return PeerIdentity(name, fingerprint)
+
+    def psk(self) -> bytes | None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"PkiAuthenticator({self.identity!r}, key=<secret>)"

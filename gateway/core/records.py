@@ -1,0 +1,104 @@
+"""Record layer (docs/protocol.md §6): AES-256-GCM, one key and IV per direction and epoch.
+
+``nonce = IV XOR (0^32 || u64 seq)``; the 17-byte record header (frame length, type, epoch,
+seq) is the AAD; the sequence is strict (the next record must carry exactly the next number).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from gateway.core.labels import RECORD_HEADER_LEN, ContentType, FrameType
+from gateway.crypto import AEAD_TAG_LEN, Aead
+from gateway.errors import AuthenticationError, LocalProtocolError, ReplayError
+
+
+def record_nonce(iv: bytes, seq: int) -> bytes:
+    padded = bytes(4) + struct.pack(">Q", seq)
+    return bytes(a ^ b for a, b in zip(iv, padded, strict=True))
+
+
+def record_header(epoch: int, seq: int, ciphertext_len: int) -> bytes:
+    length = 1 + 4 + 8 + ciphertext_len
+    return struct.pack(">IBIQ", length, FrameType.RECORD, epoch, seq)
+
+
+class SendState:
+    """Sealing state of one direction in one epoch."""
+
+    __slots__ = ("_aead", "_iv", "bytes", "epoch", "max_bytes", "max_records", "seq")
+
+    def __init__(self, epoch: int, key: bytes, iv: bytes, max_records: int, max_bytes: int) -> None:
+        self.epoch = epoch
+        self._aead = Aead(key)
+        self._iv = iv
+        self.seq = 0
+        self.bytes = 0
+        self.max_records = max_records
+        self.max_bytes = max_bytes
+
+    def room(self, plaintext_len: int) -> bool:
+        return self.seq < self.max_records and self.bytes + plaintext_len <= self.max_bytes
+
+    def seal(self, ctype: ContentType, data: bytes) -> bytes:
+        """REC1: seal one record and return the whole frame."""
+        if not self.room(len(data)):
+            raise LocalProtocolError("record budget of this epoch is exhausted; rekey first")
+        plaintext = bytes([ctype]) + data
+        header = record_header(self.epoch, self.seq, len(plaintext) + AEAD_TAG_LEN)
+        ct = self._aead.seal(record_nonce(self._iv, self.seq), plaintext, header)
+        self.seq += 1
+        self.bytes += len(data)
+        return header + ct
+
+    def wipe(self) -> None:
+        self._aead.wipe()
+        self._iv = b""
+
+    def __repr__(self) -> str:
+        return f"SendState(epoch={self.epoch}, seq={self.seq}, key=<secret>)"
+
+
+class RecvState:
+    """Opening state of one direction in one epoch."""
+
+    __slots__ = ("_aead", "_iv", "bytes", "epoch", "max_bytes", "max_records", "seq")
+
+    def __init__(self, epoch: int, key: bytes, iv: bytes, max_records: int, max_bytes: int) -> None:
+        self.epoch = epoch
+        self._aead = Aead(key)
+        self._iv = iv
+        self.seq = 0
+        self.bytes = 0
+        self.max_records = max_records
+        self.max_bytes = max_bytes
+
+    def open(self, seq: int, ciphertext: bytes) -> tuple[ContentType, bytes]:
+        """REC2: open the next record; any failure is fatal to the session."""
+        if seq != self.seq:
+            raise ReplayError(f"record sequence {seq} where {self.seq} was expected")
+        if self.seq >= self.max_records:
+            raise AuthenticationError("peer exceeded the record budget of this epoch")
+        header = record_header(self.epoch, seq, len(ciphertext))
+        plaintext = self._aead.open(record_nonce(self._iv, seq), ciphertext, header)
+        self.seq += 1
+        if not plaintext:
+            raise AuthenticationError("empty record plaintext")
+        try:
+            ctype = ContentType(plaintext[0])
+        except ValueError as exc:
+            raise AuthenticationError("unknown record content type") from exc
+        self.bytes += len(plaintext) - 1
+        if self.bytes > self.max_bytes:
+            raise AuthenticationError("peer exceeded the byte budget of this epoch")
+        return ctype, plaintext[1:]
+
+    def wipe(self) -> None:
+        self._aead.wipe()
+        self._iv = b""
+
+    def __repr__(self) -> str:
+        return f"RecvState(epoch={self.epoch}, seq={self.seq}, key=<secret>)"
+
+
+RECORD_OVERHEAD = RECORD_HEADER_LEN + 1 + AEAD_TAG_LEN
