@@ -346,6 +346,8 @@ class Connection:
         """Feed bytes from the peer. Never raises for bad input: it closes with an alert."""
         if self.state is State.CLOSED:
             return
+        if self.state is State.R_EXPECT_INIT and self._deadline is None:
+            self._deadline = now + self.params.handshake_timeout
         self._frames.feed(data)
         self._guard(now, self._drain_frames)
 
@@ -441,11 +443,6 @@ class Connection:
         if self.state is State.CLOSED:
             return
         self.stats[f"abort_{alert.name.lower()}"] += 1
-        if (
-            alert in (L.Alert.RECORD_FAILURE, L.Alert.AUTHENTICATION_FAILED)
-            and self.state is State.ESTABLISHED
-        ):
-            self.stats["record_auth_failures"] += 1
         self._out += AlertMsg(alert, reason[:64]).encode()
         self._finish(alert, reason, by_peer=False)
 

@@ -137,7 +137,7 @@ class Pair:
         self.assoc_r = assoc_r or Association()
         mk = lambda role, peer: SessionParams(
             role=role, suite=suite, qkd_policy=policy, peer_name=peer, **params
-        )  # type: ignore[arg-type]  # noqa: E731
+        )  # type: ignore[arg-type]
         self.i = Side(
             Connection(mk(Role.INITIATOR, "site-b"), a, PROVIDER, seeded_rng(seed), self.assoc_i)
         )  # type: ignore[arg-type]
