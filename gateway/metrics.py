@@ -1,0 +1,480 @@
+"""Prometheus metrics of one gateway.
+
+One :class:`Metrics` object per gateway, each with its own private ``CollectorRegistry`` (never
+the process-global one), so two gateways in one process (tests, ``qgw demo``) do not clash.
+The runtime calls the small typed methods below; :meth:`Metrics.render` gives the Prometheus
+text exposition that ``/metrics`` serves (see ``gateway.health``).
+
+Metric names (all ``qgw_``-prefixed, units in the name)::
+
+    qgw_build_info{version,site}                      gauge, always 1
+    qgw_session_state{state}                          gauge, 1 for the current state, 0 others
+    qgw_session_epoch                                 gauge, current key epoch (0 = none)
+    qgw_session_epoch_age_seconds                     gauge, computed at scrape; NaN without epoch
+    qgw_peer_connected                                gauge 0/1
+    qgw_handshakes_total{result,reason}               counter
+    qgw_rekeys_total{result}                          counter
+    qgw_qkd_keys_total{role}                          counter, role = enc | dec
+    qgw_qkd_key_bits_total{role}                      counter
+    qgw_kme_request_seconds{operation}                histogram
+    qgw_kme_errors_total{kind}                        counter
+    qgw_qkd_mode_in_effect{mode}                      gauge, 1 for the mode in effect
+    qgw_qkd_alarm{reason}                             gauge 0/1 per alarm
+    qgw_messages_total{rule,direction,result}         counter, result = forwarded|delivered|dropped
+    qgw_messages_dropped_total{rule,direction,reason} counter
+    qgw_inflight_messages                             gauge
+    qgw_inflight_limit_messages                       gauge
+    qgw_record_auth_failures_total                    counter
+    qgw_records_total{direction}                      counter, direction = sent | received
+    qgw_bytes_total{direction}                        counter, record plaintext bytes
+
+Label cardinality is bounded: labels with a fixed vocabulary (state, direction, result, role,
+operation, mode) map anything else to ``"other"``; free-form labels (handshake reason, KME
+error kind, alarm, rule, drop reason) are truncated to 64 characters and capped at
+:data:`MAX_LABEL_VALUES` distinct values each, after which they are counted as ``"other"``.
+Topics must never be used as label values: rules are named by index or configured pattern.
+A metrics call never raises on a bad label value: metrics must not take the gateway down.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway import __version__
+from gateway.errors import (
+    KeyExhausted,
+    KeyNotFound,
+    KmeBadAnswer,
+    KmeUnauthorized,
+    KmeUnavailable,
+)
+
+__all__ = [
+    "ALARMS",
+    "CONTENT_TYPE",
+    "DIRECTIONS",
+    "KME_ERROR_KINDS",
+    "KME_OPERATIONS",
+    "MAX_LABEL_VALUES",
+    "MESSAGE_RESULTS",
+    "QKD_MODES",
+    "QKD_ROLES",
+    "RECORD_DIRECTIONS",
+    "SESSION_STATES",
+    "Metrics",
+    "kme_error_kind",
+]
+
+#: Content-Type of :meth:`Metrics.render` output (Prometheus text format).
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+OTHER = "other"
+MAX_LABEL_VALUES = 32  # distinct values per free-form label before folding into "other"
+MAX_LABEL_LENGTH = 64  # characters
+
+#: Session states, named after what the session is doing (the runtime's vocabulary).
+SESSION_STATES = ("down", "connecting", "handshaking", "established", "rekeying", "closing")
+#: QKD mode in effect: the configured policy, or "pqc-only" when `preferred` runs without QKD key.
+QKD_MODES = ("required", "preferred", "off", "pqc-only")
+QKD_ROLES = ("enc", "dec")  # enc: master SAE (enc_keys), dec: slave SAE (dec_keys)
+KME_OPERATIONS = ("status", "enc_keys", "dec_keys")
+#: Suggested KME error kinds (see :func:`kme_error_kind`); other short names are accepted.
+KME_ERROR_KINDS = ("unavailable", "exhausted", "not_found", "bad_answer", "unauthorized", "timeout")
+DIRECTIONS = ("out", "in")  # out: local broker -> peer; in: peer -> local broker
+MESSAGE_RESULTS = ("forwarded", "delivered", "dropped")
+RECORD_DIRECTIONS = ("sent", "received")
+HANDSHAKE_RESULTS = ("ok", "failed")
+REKEY_RESULTS = ("ok", "failed")
+#: Alarms the runtime is expected to raise (others are accepted, bounded).
+ALARMS = ("qkd_unavailable", "qkd_mode_downgrade", "kme_unreachable")
+
+# KME latency buckets (seconds): a local KME answers in milliseconds; timeouts are seconds.
+_KME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def kme_error_kind(exc: BaseException) -> str:
+    """Map a key-source exception to a bounded ``kind`` label for :meth:`Metrics.kme_request`."""
+    table: tuple[tuple[type[BaseException], str], ...] = (
+        (KmeUnauthorized, "unauthorized"),
+        (KmeBadAnswer, "bad_answer"),
+        (KeyNotFound, "not_found"),
+        (KeyExhausted, "exhausted"),
+        (KmeUnavailable, "unavailable"),
+        (TimeoutError, "timeout"),
+    )
+    for cls, kind in table:
+        if isinstance(exc, cls):
+            return kind
+    return OTHER
+
+
+class _Vocabulary:
+    """Maps label values into a bounded set: fixed words, or free-form up to a cap."""
+
+    __slots__ = ("_fixed", "_limit", "_seen")
+
+    def __init__(self, fixed: Sequence[str] | None = None, limit: int = MAX_LABEL_VALUES) -> None:
+        self._fixed = frozenset(fixed) if fixed is not None else None
+        self._seen: set[str] = set()
+        self._limit = limit
+
+    def __call__(self, value: object) -> str:
+        text = str(value)[:MAX_LABEL_LENGTH] if value is not None else ""
+        if not text:
+            return OTHER
+        if self._fixed is not None:
+            return text if text in self._fixed else OTHER
+        if text in self._seen:
+            return text
+        if len(self._seen) >= self._limit:
+            return OTHER
+        self._seen.add(text)
+        return text
+
+
+class Metrics:
+    """All metrics of one gateway, in a private registry.
+
+    ``clock`` is the time source used at scrape for the epoch age; the ``now`` values passed to
+    :meth:`set_session` must come from the same clock (default ``time.monotonic``; the asyncio
+    runtime can pass ``loop.time``, which is the same clock on Linux).
+    """
+
+    def __init__(
+        self,
+        *,
+        site_id: str = "",
+        version: str = __version__,
+        clock: Callable[[], float] = time.monotonic,
+        rules: Iterable[str] = (),
+    ) -> None:
+        # The *_created series double the output and no dashboard uses them. The switch is
+        # process-wide in prometheus_client (read at scrape); the gateway owns its process.
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus_client
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._clock = clock
+        self._epoch_started: float | None = None
+        self._epoch = 0
+        self._state = "down"
+        self._mode: str | None = None
+        r = self.registry
+
+        self._build_info = Gauge(
+            "qgw_build_info",
+            "Build information of this gateway (always 1).",
+            ["version", "site"],
+            registry=r,
+        )
+        self._build_info.labels(version=version, site=site_id).set(1)
+
+        # -- session ---------------------------------------------------------------------
+        self._state_v = _Vocabulary(SESSION_STATES)
+        self._session_state = Gauge(
+            "qgw_session_state",
+            "Session state with the peer gateway: 1 for the current state, 0 for the others.",
+            ["state"],
+            registry=r,
+        )
+        self._session_epoch = Gauge(
+            "qgw_session_epoch",
+            "Current key epoch of the session (0 before the first handshake).",
+            registry=r,
+        )
+        self._epoch_age = Gauge(
+            "qgw_session_epoch_age_seconds",
+            "Seconds since the current epoch's keys were installed (NaN without a session).",
+            registry=r,
+        )
+        self._epoch_age.set_function(self._epoch_age_now)
+        self._peer_connected = Gauge(
+            "qgw_peer_connected",
+            "1 while the transport connection to the peer gateway is up, else 0.",
+            registry=r,
+        )
+
+        # -- handshakes and rekeys -------------------------------------------------------
+        self._hs_result_v = _Vocabulary(HANDSHAKE_RESULTS)
+        self._hs_reason_v = _Vocabulary()
+        self._handshakes = Counter(
+            "qgw_handshakes",
+            "Bootstrap handshakes by result (ok|failed) and reason (error class or 'ok').",
+            ["result", "reason"],
+            registry=r,
+        )
+        self._rekey_result_v = _Vocabulary(REKEY_RESULTS)
+        self._rekeys = Counter(
+            "qgw_rekeys",
+            "QKD-authenticated rekeys by result (ok|failed).",
+            ["result"],
+            registry=r,
+        )
+
+        # -- QKD and the KME -------------------------------------------------------------
+        self._role_v = _Vocabulary(QKD_ROLES)
+        self._qkd_keys = Counter(
+            "qgw_qkd_keys",
+            "QKD keys consumed, by role (enc: fetched as master SAE, dec: as slave SAE).",
+            ["role"],
+            registry=r,
+        )
+        self._qkd_bits = Counter(
+            "qgw_qkd_key_bits",
+            "QKD key bits consumed, by role.",
+            ["role"],
+            registry=r,
+        )
+        self._kme_op_v = _Vocabulary(KME_OPERATIONS)
+        self._kme_seconds = Histogram(
+            "qgw_kme_request_seconds",
+            "Duration of ETSI GS QKD 014 requests to the local KME, by operation.",
+            ["operation"],
+            buckets=_KME_BUCKETS,
+            registry=r,
+        )
+        self._kme_kind_v = _Vocabulary()
+        self._kme_errors = Counter(
+            "qgw_kme_errors",
+            "Failed KME requests by kind (unavailable, exhausted, not_found, bad_answer, ...).",
+            ["kind"],
+            registry=r,
+        )
+        self._mode_v = _Vocabulary(QKD_MODES)
+        self._qkd_mode = Gauge(
+            "qgw_qkd_mode_in_effect",
+            "QKD mode of the current session: 1 for the mode in effect "
+            "(required|preferred|off, or pqc-only when 'preferred' runs without QKD key).",
+            ["mode"],
+            registry=r,
+        )
+        self._alarm_v = _Vocabulary()
+        self._alarm = Gauge(
+            "qgw_qkd_alarm",
+            "1 while an alarm is active (e.g. qkd_unavailable, qkd_mode_downgrade), else 0.",
+            ["reason"],
+            registry=r,
+        )
+
+        # -- MQTT messages ---------------------------------------------------------------
+        self._rule_v = _Vocabulary()
+        self._dir_v = _Vocabulary(DIRECTIONS)
+        self._msg_result_v = _Vocabulary(MESSAGE_RESULTS)
+        self._drop_reason_v = _Vocabulary()
+        self._messages = Counter(
+            "qgw_messages",
+            "MQTT messages by rule, direction (out|in) and result (forwarded|delivered|dropped).",
+            ["rule", "direction", "result"],
+            registry=r,
+        )
+        self._dropped = Counter(
+            "qgw_messages_dropped",
+            "MQTT messages dropped, by rule, direction and reason.",
+            ["rule", "direction", "reason"],
+            registry=r,
+        )
+        self._inflight = Gauge(
+            "qgw_inflight_messages",
+            "Messages sent to the peer and not yet acknowledged by the peer's broker.",
+            registry=r,
+        )
+        self._inflight_limit = Gauge(
+            "qgw_inflight_limit_messages",
+            "Configured in-flight window (backpressure above it).",
+            registry=r,
+        )
+
+        # -- record layer ----------------------------------------------------------------
+        self._auth_failures = Counter(
+            "qgw_record_auth_failures",
+            "Records that failed authentication (AEAD) or sequence checks; each closes the session.",
+            registry=r,
+        )
+        self._rec_dir_v = _Vocabulary(RECORD_DIRECTIONS)
+        self._records = Counter(
+            "qgw_records",
+            "Records by direction (sent|received).",
+            ["direction"],
+            registry=r,
+        )
+        self._bytes = Counter(
+            "qgw_bytes",
+            "Record plaintext bytes by direction (sent|received).",
+            ["direction"],
+            registry=r,
+        )
+
+        # Series that should exist at 0 from the start, so rate() and alerts see them.
+        for s in SESSION_STATES:
+            self._session_state.labels(state=s).set(1 if s == self._state else 0)
+        for role in QKD_ROLES:
+            self._qkd_keys.labels(role=role)
+            self._qkd_bits.labels(role=role)
+        for res in REKEY_RESULTS:
+            self._rekeys.labels(result=res)
+        for d in RECORD_DIRECTIONS:
+            self._records.labels(direction=d)
+            self._bytes.labels(direction=d)
+        for m in QKD_MODES:
+            self._qkd_mode.labels(mode=m).set(0)
+        for a in ALARMS:
+            self._alarm.labels(reason=self._alarm_v(a)).set(0)
+        self.declare_rules(rules)
+
+    # -- exposition ----------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric (serve with :data:`CONTENT_TYPE`)."""
+        return generate_latest(self.registry)
+
+    # -- session -------------------------------------------------------------------------
+
+    def set_session(self, state: str, epoch: int | None = None, now: float | None = None) -> None:
+        """Record the session state; a new ``epoch`` restarts the epoch age at ``now``.
+
+        ``now`` defaults to the metrics clock. States other than established/rekeying/closing
+        mean there are no session keys: the epoch age becomes NaN and the epoch 0.
+        """
+        label = self._state_v(state)
+        if label != self._state:
+            self._session_state.labels(state=self._state).set(0)
+            self._session_state.labels(state=label).set(1)
+            self._state = label
+        if label in ("down", "connecting", "handshaking"):
+            self._epoch = 0
+            self._epoch_started = None
+        elif epoch is not None and (epoch != self._epoch or self._epoch_started is None):
+            self._epoch = epoch
+            self._epoch_started = self._clock() if now is None else now
+        self._session_epoch.set(self._epoch)
+
+    @property
+    def session_epoch(self) -> int:
+        """The epoch last given to :meth:`set_session` (0 without session keys)."""
+        return self._epoch
+
+    @property
+    def session_state(self) -> str:
+        """The state last given to :meth:`set_session` (as labelled)."""
+        return self._state
+
+    def epoch_age(self) -> float | None:
+        """Seconds since the current epoch began, or None without session keys."""
+        if self._epoch_started is None:
+            return None
+        return max(0.0, self._clock() - self._epoch_started)
+
+    def _epoch_age_now(self) -> float:
+        age = self.epoch_age()
+        return math.nan if age is None else age
+
+    def set_peer_connected(self, connected: bool) -> None:
+        self._peer_connected.set(1 if connected else 0)
+
+    def handshake(self, result: str, reason: str = "ok") -> None:
+        """Count a bootstrap handshake: ``result`` ok|failed, ``reason`` e.g. an error class name."""
+        self._handshakes.labels(
+            result=self._hs_result_v(result), reason=self._hs_reason_v(reason)
+        ).inc()
+
+    def rekey(self, result: str) -> None:
+        """Count a rekey: ``result`` ok|failed."""
+        self._rekeys.labels(result=self._rekey_result_v(result)).inc()
+
+    # -- QKD -----------------------------------------------------------------------------
+
+    def qkd_key(self, role: str, bits: int) -> None:
+        """Count one QKD key of ``bits`` bits consumed as ``role`` enc|dec."""
+        label = self._role_v(role)
+        self._qkd_keys.labels(role=label).inc()
+        if bits > 0:
+            self._qkd_bits.labels(role=label).inc(bits)
+
+    def kme_request(self, operation: str, seconds: float, error_kind: str | None = None) -> None:
+        """Observe one KME request (``operation`` status|enc_keys|dec_keys) and its error, if any.
+
+        Use :func:`kme_error_kind` to turn a caught exception into ``error_kind``.
+        """
+        self._kme_seconds.labels(operation=self._kme_op_v(operation)).observe(max(0.0, seconds))
+        if error_kind is not None:
+            self._kme_errors.labels(kind=self._kme_kind_v(error_kind)).inc()
+
+    def set_qkd_mode(self, mode: str) -> None:
+        """Set the QKD mode in effect (required|preferred|off|pqc-only); one label is 1."""
+        label = self._mode_v(mode)
+        if self._mode is not None and self._mode != label:
+            self._qkd_mode.labels(mode=self._mode).set(0)
+        self._qkd_mode.labels(mode=label).set(1)
+        self._mode = label
+
+    def set_alarm(self, name: str, active: bool) -> None:
+        """Raise (``active=True``) or clear an alarm, e.g. ``qkd_unavailable``."""
+        self._alarm.labels(reason=self._alarm_v(name)).set(1 if active else 0)
+
+    # -- MQTT ----------------------------------------------------------------------------
+
+    def declare_rules(self, rules: Iterable[str]) -> None:
+        """Create the per-rule message series at 0 (rule labels: index or pattern, never topics)."""
+        for rule in rules:
+            label = self._rule_v(rule)
+            for d in DIRECTIONS:
+                for res in MESSAGE_RESULTS:
+                    self._messages.labels(rule=label, direction=d, result=res)
+
+    def message(self, rule: str, direction: str, result: str, reason: str | None = None) -> None:
+        """Count one MQTT message: ``direction`` out|in, ``result`` forwarded|delivered|dropped.
+
+        For ``dropped``, ``reason`` (e.g. too_large, no_rule, decode) also counts it in
+        ``qgw_messages_dropped_total``.
+        """
+        r, d, res = self._rule_v(rule), self._dir_v(direction), self._msg_result_v(result)
+        self._messages.labels(rule=r, direction=d, result=res).inc()
+        if res == "dropped":
+            self._dropped.labels(
+                rule=r, direction=d, reason=self._drop_reason_v(reason or "unspecified")
+            ).inc()
+
+    def set_inflight(self, n: int, limit: int | None = None) -> None:
+        """Set the number of messages in flight to the peer (and the window, if given)."""
+        self._inflight.set(max(0, n))
+        if limit is not None:
+            self._inflight_limit.set(limit)
+
+    # -- record layer --------------------------------------------------------------------
+
+    def record_auth_failure(self) -> None:
+        self._auth_failures.inc()
+
+    def records(self, direction: str, count: int = 1, nbytes: int = 0) -> None:
+        """Count ``count`` records of ``nbytes`` plaintext bytes in total, ``direction`` sent|received."""
+        label = self._rec_dir_v(direction)
+        if count > 0:
+            self._records.labels(direction=label).inc(count)
+        if nbytes > 0:
+            self._bytes.labels(direction=label).inc(nbytes)
+
+    # -- readiness -----------------------------------------------------------------------
+
+    def readiness(self, max_epoch_age_seconds: float) -> tuple[bool, str]:
+        """A ready check from what the metrics know: established and keys younger than the limit.
+
+        ``gateway.health.start_http`` takes a callable; the runtime can pass
+        ``lambda: metrics.readiness(2 * rekey_interval)`` or its own, better-informed check.
+        """
+        if self._state not in ("established", "rekeying"):
+            return False, f"session {self._state}"
+        age = self.epoch_age()
+        if age is None:
+            return False, "no session keys"
+        if age > max_epoch_age_seconds:
+            return False, f"keys stale: epoch age {age:.0f} s > {max_epoch_age_seconds:.0f} s"
+        return True, "ok"
