@@ -99,17 +99,19 @@ class Provider(Protocol):
 
     def sign(self, key: SigPrivateKey, message: bytes, context: bytes) -> bytes: ...
 
-    def verify(self, alg: SigAlg, public: bytes, message: bytes, signature: bytes, context: bytes) -> bool: ...
+    def verify(
+        self, alg: SigAlg, public: bytes, message: bytes, signature: bytes, context: bytes
+    ) -> bool: ...
 
 
 def get_provider(name: str = "pyca") -> Provider:
     """Return the named provider; raise ProviderUnavailable with the reason when it cannot load."""
     if name == "pyca":
-        from gateway.crypto._pyca import PycaProvider
+        from gateway.crypto._pyca import PycaProvider  # noqa: PLC0415  (providers load lazily)
 
         return PycaProvider()
     if name == "oqs":
-        from gateway.crypto._oqs import OqsProvider
+        from gateway.crypto._oqs import OqsProvider  # noqa: PLC0415  (optional dependency)
 
         return OqsProvider()
     raise ProviderUnavailable(f"unknown crypto provider {name!r} (known: pyca, oqs)")
@@ -170,7 +172,9 @@ class X25519PrivateKey:
     def __init__(self, seed: bytes) -> None:
         if len(seed) != X25519_LEN:
             raise CryptoError("X25519 private key must be 32 bytes")
-        self._key: _x25519.X25519PrivateKey | None = _x25519.X25519PrivateKey.from_private_bytes(seed)
+        self._key: _x25519.X25519PrivateKey | None = _x25519.X25519PrivateKey.from_private_bytes(
+            seed
+        )
 
     def public_bytes(self) -> bytes:
         if self._key is None:
