@@ -81,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
 _EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = []
 
 
+def _register_pki(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from gateway.pki import register
+
+    register(sub)
+
+
+_EXTRA_COMMANDS.append(_register_pki)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -1,12 +1,480 @@
-"""ML-KEM / ML-DSA (and algorithms OpenSSL lacks) from liboqs-python. Optional: extra [oqs]."""
+"""ML-KEM / ML-DSA (and KEMs OpenSSL lacks) from liboqs-python. Optional: extra ``[oqs]``.
+
+Never download, never build
+---------------------------
+``import oqs`` (liboqs-python, checked against 0.16.0.1) looks for the liboqs shared library
+with ``ctypes.util.find_library`` and in ``$OQS_INSTALL_PATH/lib{,64}`` (default
+``~/_oqs``); when it finds none it *clones liboqs from GitHub and builds it with cmake*, at
+import time. It honours no environment variable that turns this off (``PYOQS_VERSION`` only
+chooses which version it would fetch). We therefore never let it get there:
+
+1. :func:`locate_liboqs` finds and ``dlopen``-checks the library ourselves, without running
+   any subprocess (``find_library`` runs ``ldconfig``/``gcc``), in ``$OQS_INSTALL_PATH``,
+   ``~/_oqs``, ``$LD_LIBRARY_PATH``, the ``ld.so.conf`` directories and the usual system
+   directories. If there is none we raise :class:`ProviderUnavailable` and ``oqs`` is never
+   imported.
+2. When importing ``oqs`` we point ``OQS_INSTALL_PATH`` (for the duration of the import only)
+   at a private directory whose ``lib/liboqs.so`` is a symlink to the library we found, so
+   liboqs-python's own search cannot miss it.
+3. Belt and braces: during that import an audit hook (``sys.addaudithook``) refuses every
+   process start except the helpers ``find_library`` uses (ldconfig, gcc/cc, ld, objdump),
+   and every socket connection or name lookup. A git clone or cmake run would raise, and we
+   report ProviderUnavailable instead.
+
+Seeds
+-----
+* ML-KEM keygen is deterministic from the 64-byte ``d || z`` when liboqs exposes
+  ``OQS_KEM_keypair_derand`` (liboqs >= 0.13 with liboqs-python >= 0.14:
+  ``KeyEncapsulation.generate_keypair_seed``). With an older liboqs, ``kem_keygen`` raises
+  ProviderUnavailable rather than silently ignoring the seed (``seeded_kem_keygen`` tells).
+* ML-DSA: liboqs-python exposes no seeded keygen. ``sig_keygen`` checks the seed length and
+  then IGNORES the seed: the key comes from liboqs' own randomness (``seeded_sig_keygen`` is
+  False). Cross-provider interop is about encapsulate/decapsulate and sign/verify, which do
+  not depend on how a key was generated; long-term ML-DSA keys come from PEM files anyway.
+"""
 
 from __future__ import annotations
 
-from gateway.errors import ProviderUnavailable
+import contextlib
+import ctypes
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+import tempfile
+import threading
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from gateway.crypto import (
+    KEM_SEED_LEN,
+    KEM_SIZES,
+    SIG_SEED_LEN,
+    SIG_SIZES,
+    KemAlg,
+    KemPrivateKey,
+    SigAlg,
+    SigPrivateKey,
+)
+from gateway.errors import AuthenticationError, CryptoError, ProviderUnavailable
+
+INSTALL_HINT = (
+    "install liboqs (build it from a release tarball with cmake -DBUILD_SHARED_LIBS=ON, "
+    "or a distribution package where one exists; set OQS_INSTALL_PATH to its prefix if it "
+    "is not in a standard library directory) and `pip install qgw[oqs]`"
+)
+PIP_HINT = "the liboqs-python module `oqs` is not installed: `pip install qgw[oqs]`"
+
+# KEMs that OpenSSL (and so pyca/cryptography) does not offer; reported when liboqs has them.
+EXTRA_KEMS: tuple[str, ...] = (
+    "FrodoKEM-640-AES",
+    "FrodoKEM-976-AES",
+    "FrodoKEM-1344-AES",
+    "FrodoKEM-976-SHAKE",
+    "HQC-128",
+    "HQC-192",
+    "HQC-256",
+    "Classic-McEliece-348864",
+    "Classic-McEliece-460896",
+    "Classic-McEliece-6688128",
+    "BIKE-L3",
+)
+
+# Search switches; tests turn the system search off to simulate a machine without liboqs.
+SEARCH_SYSTEM_DIRS = True
+_SYSTEM_DIRS: tuple[str, ...] = (
+    "/usr/local/lib",
+    "/usr/local/lib64",
+    "/usr/lib",
+    "/usr/lib64",
+    "/lib",
+    "/lib64",
+)
+_LIB_NAMES = ("liboqs.so",)  # the unversioned name is what liboqs-python itself loads
+
+# find_library() helpers that may run while liboqs-python imports; nothing else may.
+_ALLOWED_HELPERS = frozenset({"ldconfig", "ldconfig.real", "gcc", "cc", "ld", "objdump"})
+_BLOCKED_EVENTS = frozenset(
+    {
+        "os.system",
+        "os.exec",
+        "os.posix_spawn",
+        "os.spawn",
+        "os.fork",
+        "os.forkpty",
+        "pty.spawn",
+        "socket.connect",
+        "socket.getaddrinfo",
+        "socket.gethostbyname",
+        "urllib.Request",
+    }
+)
+
+
+class ForbiddenDuringImport(RuntimeError):
+    """Raised by the audit hook when importing liboqs-python tries to run or fetch something."""
+
+
+_guard = threading.local()
+_hook_lock = threading.Lock()
+_hook_installed = False
+
+
+def _audit_hook(event: str, args: tuple[Any, ...]) -> None:
+    if not getattr(_guard, "active", False):
+        return
+    if event == "subprocess.Popen":
+        executable, argv = args[0], args[1]
+        prog = executable if executable else (argv[0] if isinstance(argv, list | tuple) else argv)
+        name = os.path.basename(os.fsdecode(prog)) if prog else ""
+        if name in _ALLOWED_HELPERS:
+            return
+        raise ForbiddenDuringImport(f"importing liboqs-python tried to run {name!r}")
+    if event in _BLOCKED_EVENTS:
+        raise ForbiddenDuringImport(f"importing liboqs-python tried {event}")
+
+
+def _install_hook() -> None:
+    global _hook_installed  # noqa: PLW0603  (one process-wide hook, installed once)
+    with _hook_lock:
+        if not _hook_installed:
+            sys.addaudithook(_audit_hook)
+            _hook_installed = True
+
+
+@contextlib.contextmanager
+def _no_fetch_no_build() -> Iterator[None]:
+    _install_hook()
+    _guard.active = True
+    try:
+        yield
+    finally:
+        _guard.active = False
+
+
+# --- locating the shared library -----------------------------------------------------------
+
+
+def _ld_so_conf_dirs(conf: Path = Path("/etc/ld.so.conf"), depth: int = 0) -> list[str]:
+    """Directories listed in ld.so.conf (and its ``include`` globs); parsed, not executed."""
+    out: list[str] = []
+    if depth > 3:
+        return out
+    try:
+        lines = conf.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return out
+    for raw in lines:
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith("include"):
+            pattern = line.split(None, 1)[1] if " " in line else ""
+            base = Path(pattern) if pattern.startswith("/") else conf.parent / pattern
+            for inc in sorted(base.parent.glob(base.name)):
+                out += _ld_so_conf_dirs(inc, depth + 1)
+        elif line.startswith("/"):
+            out.append(line)
+    return out
+
+
+def _search_dirs() -> list[Path]:
+    dirs: list[Path] = []
+    prefix = os.environ.get("OQS_INSTALL_PATH")
+    for base in ([Path(prefix)] if prefix else []) + [Path.home() / "_oqs"]:
+        dirs += [base / "lib", base / "lib64"]
+    if SEARCH_SYSTEM_DIRS:
+        dirs += [Path(p) for p in os.environ.get("LD_LIBRARY_PATH", "").split(":") if p]
+        dirs += [Path(p) for p in _ld_so_conf_dirs()]
+        dirs += [Path(p) for p in _SYSTEM_DIRS]
+        multiarch = f"{os.uname().machine}-linux-gnu" if hasattr(os, "uname") else ""
+        if multiarch:
+            dirs += [Path("/usr/lib") / multiarch, Path("/lib") / multiarch]
+    seen: set[Path] = set()
+    unique = []
+    for d in dirs:
+        if d not in seen:
+            seen.add(d)
+            unique.append(d)
+    return unique
+
+
+def _loads(path: Path) -> bool:
+    """True if ``path`` is a loadable liboqs (dlopen; runs no process)."""
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError:
+        return False
+    return hasattr(lib, "OQS_KEM_new") and hasattr(lib, "OQS_SIG_new")
+
+
+def locate_liboqs() -> Path:
+    """Return the path of a loadable liboqs shared library, or raise ProviderUnavailable.
+
+    Runs no subprocess and touches no network: only ``stat`` and ``dlopen``.
+    """
+    searched = _search_dirs()
+    for d in searched:
+        for name in _LIB_NAMES:
+            candidate = d / name
+            if candidate.exists() and _loads(candidate):
+                return candidate.resolve()
+        # A library installed without the unversioned dev symlink (liboqs.so.N only).
+        with contextlib.suppress(OSError):
+            for candidate in sorted(d.glob("liboqs.so.*")):
+                if _loads(candidate):
+                    return candidate.resolve()
+    raise ProviderUnavailable(
+        f"liboqs shared library not found (searched {len(searched)} directories, "
+        f"e.g. {', '.join(str(d) for d in searched[:3])}); {INSTALL_HINT}"
+    )
+
+
+class _QuietInfo(logging.Filter):
+    """liboqs-python logs INFO lines to stdout at import; keep warnings and above only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+def _import_oqs(lib: Path) -> ModuleType:
+    if "oqs" in sys.modules:
+        return sys.modules["oqs"]
+    if importlib.util.find_spec("oqs") is None:
+        raise ProviderUnavailable(PIP_HINT)
+    logging.getLogger("oqs.oqs").addFilter(_QuietInfo())
+    saved = os.environ.get("OQS_INSTALL_PATH")
+    with tempfile.TemporaryDirectory(prefix="qgw-oqs-") as tmp:
+        (Path(tmp) / "lib").mkdir()
+        (Path(tmp) / "lib" / "liboqs.so").symlink_to(lib)
+        os.environ["OQS_INSTALL_PATH"] = tmp
+        try:
+            with _no_fetch_no_build():
+                return importlib.import_module("oqs")
+        except (Exception, SystemExit) as exc:  # liboqs-python exits on load failure
+            sys.modules.pop("oqs", None)
+            sys.modules.pop("oqs.oqs", None)
+            raise ProviderUnavailable(f"liboqs-python could not load {lib}: {exc}") from exc
+        finally:
+            if saved is None:
+                os.environ.pop("OQS_INSTALL_PATH", None)
+            else:
+                os.environ["OQS_INSTALL_PATH"] = saved
+
+
+def load_oqs() -> ModuleType:
+    """Locate liboqs, then import liboqs-python safely. Raises ProviderUnavailable."""
+    if "oqs" in sys.modules:
+        return sys.modules["oqs"]
+    return _import_oqs(locate_liboqs())
+
+
+# --- keys --------------------------------------------------------------------------------
+
+
+class _OqsKemKey:
+    """A decapsulation key inside a liboqs ``KeyEncapsulation`` object (freed on wipe/GC)."""
+
+    __slots__ = ("__weakref__", "_fin", "_kem", "_public", "alg")
+
+    def __init__(self, alg: KemAlg, kem: Any, public: bytes) -> None:
+        self.alg = alg
+        self._kem = kem
+        self._public = public
+        self._fin = weakref.finalize(self, kem.free)
+
+    def public_bytes(self) -> bytes:
+        return self._public
+
+    def wipe(self) -> None:
+        self._fin()  # OQS_MEM_cleanse + OQS_KEM_free, once
+
+    def __repr__(self) -> str:
+        return "<secret>"
+
+
+class OqsExtraKemKey(_OqsKemKey):
+    """A key for a KEM outside the KemAlg menu (FrodoKEM, HQC, Classic McEliece...)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str, kem: Any, public: bytes) -> None:
+        super().__init__(KemAlg.MLKEM768, kem, public)  # alg unused for extras
+        self.name = name
+
+
+class _OqsSigKey:
+    __slots__ = ("__weakref__", "_fin", "_public", "_sig", "alg")
+
+    def __init__(self, alg: SigAlg, sig: Any, public: bytes) -> None:
+        self.alg = alg
+        self._sig = sig
+        self._public = public
+        self._fin = weakref.finalize(self, sig.free)
+
+    def public_bytes(self) -> bytes:
+        return self._public
+
+    def wipe(self) -> None:
+        self._fin()
+
+    def __repr__(self) -> str:
+        return "<secret>"
 
 
 class OqsProvider:
+    """Provider backed by liboqs-python. Construction raises ProviderUnavailable, quickly and
+    without network or subprocess, when liboqs or liboqs-python is missing."""
+
     name = "oqs"
 
     def __init__(self) -> None:
-        raise ProviderUnavailable("the oqs provider is not implemented yet")
+        self._oqs = load_oqs()
+        enabled_kems = set(self._oqs.get_enabled_kem_mechanisms())
+        enabled_sigs = set(self._oqs.get_enabled_sig_mechanisms())
+        missing = [a.value for a in KemAlg if a.value not in enabled_kems]
+        missing += [a.value for a in SigAlg if a.value not in enabled_sigs]
+        if missing:
+            raise ProviderUnavailable(
+                f"this liboqs lacks {', '.join(missing)} (needs liboqs >= 0.12); {INSTALL_HINT}"
+            )
+        self._enabled_kems = frozenset(enabled_kems)
+        probe = self._oqs.KeyEncapsulation(KemAlg.MLKEM768.value)
+        try:
+            self.seeded_kem_keygen: bool = (
+                hasattr(probe, "generate_keypair_seed")
+                and int(getattr(probe, "length_keypair_seed", 0)) == KEM_SEED_LEN
+            )
+        finally:
+            probe.free()
+        self.seeded_sig_keygen: bool = False  # liboqs-python has no seeded ML-DSA keygen
+        self._has_ctx = hasattr(self._oqs.Signature, "sign_with_ctx_str")
+
+    # -- KEM --------------------------------------------------------------------------------
+
+    def kem_algorithms(self) -> frozenset[str]:
+        """ML-KEM-768/1024 plus the extra KEMs (FrodoKEM, HQC, McEliece...) this liboqs has."""
+        ours = {a.value for a in KemAlg} | {n for n in EXTRA_KEMS if n in self._enabled_kems}
+        return frozenset(ours)
+
+    def kem_keygen(self, alg: KemAlg, seed: bytes) -> KemPrivateKey:
+        if len(seed) != KEM_SEED_LEN:
+            raise CryptoError("ML-KEM seed must be 64 bytes")
+        if not self.seeded_kem_keygen:
+            raise ProviderUnavailable(
+                "this liboqs has no seeded ML-KEM keygen (needs liboqs >= 0.13, "
+                "liboqs-python >= 0.14)"
+            )
+        kem = self._oqs.KeyEncapsulation(alg.value)
+        try:
+            public = bytes(kem.generate_keypair_seed(seed))
+        except (RuntimeError, ValueError) as exc:
+            kem.free()
+            raise CryptoError(f"{alg} keygen failed") from exc
+        return _OqsKemKey(alg, kem, public)
+
+    def encapsulate(self, alg: KemAlg, public: bytes) -> tuple[bytes, bytes]:
+        if len(public) != KEM_SIZES[alg][0]:
+            raise AuthenticationError(f"{alg} encapsulation key has the wrong length")
+        return self._encaps(alg.value, public, f"{alg} encapsulation key is malformed")
+
+    def decapsulate(self, key: KemPrivateKey, ciphertext: bytes) -> bytes:
+        if not isinstance(key, _OqsKemKey) or isinstance(key, OqsExtraKemKey):
+            raise CryptoError("key does not belong to the oqs provider")
+        if len(ciphertext) != KEM_SIZES[key.alg][1]:
+            raise AuthenticationError(f"{key.alg} ciphertext has the wrong length")
+        return self._decaps(key, ciphertext, f"{key.alg} ciphertext is malformed")
+
+    def _encaps(self, name: str, public: bytes, what: str) -> tuple[bytes, bytes]:
+        with self._oqs.KeyEncapsulation(name) as kem:
+            try:
+                ct, shared = kem.encap_secret(public)
+            except (RuntimeError, ValueError) as exc:  # input check of FIPS 203 7.2 failed
+                raise AuthenticationError(what) from exc
+        if not isinstance(ct, bytes) or not isinstance(shared, bytes):  # liboqs-python < 0.12
+            raise AuthenticationError(what)
+        return ct, shared
+
+    def _decaps(self, key: _OqsKemKey, ciphertext: bytes, what: str) -> bytes:
+        if not key._fin.alive:
+            raise CryptoError("KEM key was wiped")
+        try:
+            shared = key._kem.decap_secret(ciphertext)
+        except (RuntimeError, ValueError) as exc:
+            raise AuthenticationError(what) from exc
+        if not isinstance(shared, bytes):
+            raise AuthenticationError(what)
+        return shared
+
+    # Extra KEMs (not in the protocol's suite menu; for experiments and benchmarks).
+
+    def extra_kem_keygen(self, name: str) -> OqsExtraKemKey:
+        """Random keygen for a KEM in :meth:`kem_algorithms` outside KemAlg."""
+        if name not in self.kem_algorithms() or name in {a.value for a in KemAlg}:
+            raise ProviderUnavailable(f"KEM {name!r} is not an extra KEM of this liboqs")
+        kem = self._oqs.KeyEncapsulation(name)
+        return OqsExtraKemKey(name, kem, bytes(kem.generate_keypair()))
+
+    def extra_encapsulate(self, name: str, public: bytes) -> tuple[bytes, bytes]:
+        if name not in self.kem_algorithms():
+            raise ProviderUnavailable(f"KEM {name!r} is not available")
+        with self._oqs.KeyEncapsulation(name) as kem:
+            if len(public) != int(kem.details["length_public_key"]):
+                raise AuthenticationError(f"{name} public key has the wrong length")
+        return self._encaps(name, public, f"{name} public key is malformed")
+
+    def extra_decapsulate(self, key: OqsExtraKemKey, ciphertext: bytes) -> bytes:
+        if len(ciphertext) != int(key._kem.details["length_ciphertext"]):
+            raise AuthenticationError(f"{key.name} ciphertext has the wrong length")
+        return self._decaps(key, ciphertext, f"{key.name} ciphertext is malformed")
+
+    # -- signatures ---------------------------------------------------------------------------
+
+    def sig_keygen(self, alg: SigAlg, seed: bytes) -> SigPrivateKey:
+        """ML-DSA keygen from liboqs' randomness; ``seed`` is length-checked and IGNORED."""
+        if len(seed) != SIG_SEED_LEN:
+            raise CryptoError("ML-DSA seed must be 32 bytes")
+        sig = self._oqs.Signature(alg.value)
+        try:
+            public = bytes(sig.generate_keypair())
+        except RuntimeError as exc:
+            sig.free()
+            raise CryptoError(f"{alg} keygen failed") from exc
+        return _OqsSigKey(alg, sig, public)
+
+    def sign(self, key: SigPrivateKey, message: bytes, context: bytes) -> bytes:
+        if not isinstance(key, _OqsSigKey):
+            raise CryptoError("key does not belong to the oqs provider")
+        if not key._fin.alive:
+            raise CryptoError("signing key was wiped")
+        if len(context) > 255:
+            raise CryptoError("ML-DSA context must be at most 255 bytes")
+        if not self._has_ctx and context:
+            raise ProviderUnavailable("this liboqs-python cannot sign with a context string")
+        try:
+            if self._has_ctx:
+                signature = key._sig.sign_with_ctx_str(message, context)
+            else:
+                signature = key._sig.sign(message)
+        except RuntimeError as exc:
+            raise CryptoError(f"{key.alg} signing failed") from exc
+        return bytes(signature)
+
+    def verify(
+        self, alg: SigAlg, public: bytes, message: bytes, signature: bytes, context: bytes
+    ) -> bool:
+        if len(public) != SIG_SIZES[alg][0] or len(signature) != SIG_SIZES[alg][1]:
+            return False
+        if len(context) > 255:
+            return False
+        with self._oqs.Signature(alg.value) as sig:
+            try:
+                if self._has_ctx:
+                    return bool(sig.verify_with_ctx_str(message, signature, context, public))
+                return not context and bool(sig.verify(message, signature, public))
+            except (RuntimeError, ValueError):
+                return False
