@@ -406,3 +406,16 @@ def verify_peer(
         public_key=_raw_public(leaf_key),
         fingerprint=certificate_fingerprint(der),
     )
+
+
+def certificate_name(der: bytes) -> str:
+    """The (single) SAN DNS name of a certificate: a gateway's identity in PKI mode."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns = names.get_values_for_type(x509.DNSName)
+    except (ValueError, x509.ExtensionNotFound) as exc:
+        raise CryptoError("certificate has no SAN DNS name") from exc
+    if len(dns) != 1:
+        raise CryptoError("gateway certificate must carry exactly one SAN DNS name")
+    return dns[0]

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import struct
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway.core import schedule
+from tests.vectors import load_vectors
 
-VECTORS = json.loads((Path(__file__).parent.parent / "vectors" / "key_schedule.json").read_text())
-CASES = VECTORS["cases"]
+CASES = load_vectors("key_schedule")
 PROTOCOL = b"qgw/1 ML-KEM+X25519+QKD HKDF-SHA384 AES-256-GCM"  # docs/protocol.md §2, restated
 
 

@@ -74,7 +74,7 @@ def build() -> dict[str, object]:
     return {
         "source": f"recorded from gateway.core.schedule with random.Random({SEED}); "
         "see tests/vectors/make_key_schedule.py and docs/protocol.md section 4",
-        "cases": cases,
+        "vectors": cases,
     }
 
 
