@@ -47,7 +47,9 @@ def load_authenticator(
             )
         register_secret(psk)
         return PskAuthenticator(settings.gateway.site_id, psk)
-    assert a.cert is not None and a.key is not None and a.ca is not None
+    assert a.cert is not None
+    assert a.key is not None
+    assert a.ca is not None
     try:
         chain = x509.load_cert_chain(a.cert.read_bytes())
         key = x509.load_signing_key(a.key.read_bytes())

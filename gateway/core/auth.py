@@ -65,12 +65,9 @@ class PskAuthenticator:
         return f"PskAuthenticator({self.identity!r}, psk=<secret>)"
 
 
-class CertVerifier(Protocol):
-    def __call__(
-        self, chain_der: list[bytes], expected_name: str, now: datetime.datetime
-    ) -> tuple[str, SigAlg, bytes, str]:
-        """Return (name, algorithm, raw public key, fingerprint) or raise AuthenticationError."""
-        ...
+# (chain DER leaf first, expected name, wall time) -> (name, algorithm, raw public key, fingerprint);
+# raises AuthenticationError. gateway.credentials.make_verifier builds one from the site CA.
+CertVerifier = Callable[[list[bytes], str, datetime.datetime], tuple[str, SigAlg, bytes, str]]
 
 
 class PkiAuthenticator:

@@ -38,7 +38,7 @@ from gateway.core.wire import (
     RekeyInit,
     RekeyResp,
     Resp,
-    _vec16,
+    vec16,
     decode_record_header,
 )
 from gateway.crypto import (
@@ -607,7 +607,7 @@ class Connection:
         self._s3 = secrets["S3"]
         th2 = sha384(self._init_frame + m.core())
         self._peer = self._verify_peer_auth(m.certs, th2, m.auth, L.SIG_ROLE_R, L.L_PSK_AUTH_R)
-        th2s = sha384(self._init_frame + m.core() + _vec16(m.auth))
+        th2s = sha384(self._init_frame + m.core() + vec16(m.auth))
         expect = hmac_sha384(schedule.finished_key(self._s3, L.L_FINISHED_R, th2s), th2s)
         if not constant_time_equal(expect, m.finished):
             raise AuthenticationError("responder finished MAC does not verify")
@@ -620,7 +620,7 @@ class Connection:
         prefix = self._init_frame + self._resp_frame
         th3a = sha384(prefix + core)
         auth = self._make_auth(th3a, L.SIG_ROLE_I, L.L_PSK_AUTH_I)
-        th3s = sha384(prefix + core + _vec16(auth))
+        th3s = sha384(prefix + core + vec16(auth))
         fin = hmac_sha384(schedule.finished_key(self._s3, L.L_FINISHED_I, th3s), th3s)
         frame = Confirm(certs=self.auth.certs, auth=auth, finished=fin).encode()
         self._out += frame
@@ -699,7 +699,7 @@ class Connection:
         )
         th2 = sha384(self._init_frame + unsigned.core())
         auth = self._make_auth(th2, L.SIG_ROLE_R, L.L_PSK_AUTH_R)
-        th2s = sha384(self._init_frame + unsigned.core() + _vec16(auth))
+        th2s = sha384(self._init_frame + unsigned.core() + vec16(auth))
         fin = hmac_sha384(schedule.finished_key(self._s3, L.L_FINISHED_R, th2s), th2s)
         frame = dataclasses.replace(unsigned, auth=auth, finished=fin).encode()
         self._resp_frame = frame
@@ -711,7 +711,7 @@ class Connection:
         prefix = self._init_frame + self._resp_frame
         th3a = sha384(prefix + m.core())
         self._peer = self._verify_peer_auth(m.certs, th3a, m.auth, L.SIG_ROLE_I, L.L_PSK_AUTH_I)
-        th3s = sha384(prefix + m.core() + _vec16(m.auth))
+        th3s = sha384(prefix + m.core() + vec16(m.auth))
         expect = hmac_sha384(schedule.finished_key(self._s3, L.L_FINISHED_I, th3s), th3s)
         if not constant_time_equal(expect, m.finished):
             raise AuthenticationError("initiator finished MAC does not verify")

@@ -87,13 +87,13 @@ class Reader:
             raise DecodeError("trailing bytes after message")
 
 
-def _vec8(b: bytes) -> bytes:
+def vec8(b: bytes) -> bytes:
     if len(b) > 255:
         raise ValueError("vec8 too long")
     return bytes([len(b)]) + b
 
 
-def _vec16(b: bytes) -> bytes:
+def vec16(b: bytes) -> bytes:
     return struct.pack(">H", len(b)) + b
 
 
@@ -202,9 +202,9 @@ class Init:
             bytes([VERSION, self.suite, self.auth_mode, self.qkd_policy, int(self.qkd_offered)])
             + self.qkd_key_id
             + self.nonce
-            + _vec8(self.initiator.encode())
-            + _vec8(self.responder.encode())
-            + _vec16(self.kem_public)
+            + vec8(self.initiator.encode())
+            + vec8(self.responder.encode())
+            + vec16(self.kem_public)
             + self.x25519_public
         )
 
@@ -251,13 +251,13 @@ class Resp:
         return (
             self.nonce
             + bytes([int(self.qkd_used)])
-            + _vec16(self.kem_ciphertext)
+            + vec16(self.kem_ciphertext)
             + self.x25519_public
             + encode_certs(self.certs)
         )
 
     def encode(self) -> bytes:
-        return frame(FrameType.RESP, self.core() + _vec16(self.auth) + self.finished)
+        return frame(FrameType.RESP, self.core() + vec16(self.auth) + self.finished)
 
     @staticmethod
     def decode(body: bytes) -> Resp:
@@ -287,7 +287,7 @@ class Confirm:
         return encode_certs(self.certs)
 
     def encode(self) -> bytes:
-        return frame(FrameType.CONFIRM, self.core() + _vec16(self.auth) + self.finished)
+        return frame(FrameType.CONFIRM, self.core() + vec16(self.auth) + self.finished)
 
     @staticmethod
     def decode(body: bytes) -> Confirm:
@@ -317,7 +317,7 @@ class RekeyInit:
             + self.nonce
             + bytes([int(self.qkd_offered)])
             + b"".join(self.key_ids)
-            + _vec16(self.kem_public)
+            + vec16(self.kem_public)
             + self.x25519_public
         )
 
@@ -359,7 +359,7 @@ class RekeyResp:
             + struct.pack(">I", self.epoch)
             + self.nonce
             + bytes([int(self.qkd_used)])
-            + _vec16(self.kem_ciphertext)
+            + vec16(self.kem_ciphertext)
             + self.x25519_public
         )
 
@@ -391,7 +391,7 @@ class AlertMsg:
 
     def encode(self) -> bytes:
         return frame(
-            FrameType.ALERT, bytes([self.code]) + _vec8(self.reason.encode("ascii", "replace")[:64])
+            FrameType.ALERT, bytes([self.code]) + vec8(self.reason.encode("ascii", "replace")[:64])
         )
 
     @staticmethod
