@@ -38,8 +38,8 @@ from gateway.core.wire import (
     RekeyInit,
     RekeyResp,
     Resp,
-    vec16,
     decode_record_header,
+    vec16,
 )
 from gateway.crypto import (
     KEM_SEED_LEN,
