@@ -99,7 +99,9 @@ class Provider(Protocol):
 
     def sign(self, key: SigPrivateKey, message: bytes, context: bytes) -> bytes: ...
 
-    def verify(self, alg: SigAlg, public: bytes, message: bytes, signature: bytes, context: bytes) -> bool: ...
+    def verify(
+        self, alg: SigAlg, public: bytes, message: bytes, signature: bytes, context: bytes
+    ) -> bool: ...
 
 
 def get_provider(name: str = "pyca") -> Provider:
@@ -170,7 +172,9 @@ class X25519PrivateKey:
     def __init__(self, seed: bytes) -> None:
         if len(seed) != X25519_LEN:
             raise CryptoError("X25519 private key must be 32 bytes")
-        self._key: _x25519.X25519PrivateKey | None = _x25519.X25519PrivateKey.from_private_bytes(seed)
+        self._key: _x25519.X25519PrivateKey | None = _x25519.X25519PrivateKey.from_private_bytes(
+            seed
+        )
 
     def public_bytes(self) -> bytes:
         if self._key is None:
