@@ -59,12 +59,13 @@ class Harness:
         self.clock.t += seconds
 
     async def set_link(self, **changes: Any) -> None:
-        assert self.runner is not None and self.runner.link is not None
+        assert self.runner is not None
+        assert self.runner.link is not None
         self.runner.link.set(self.clock(), **changes)
 
     def client(self, ctx: ssl.SSLContext, kme: str = "A", sae: str = "sae-a") -> Etsi014Client:
         assert self.runner is not None
-        host, port = self.runner.endpoints[kme].api
+        _, port = self.runner.endpoints[kme].api
         c = Etsi014Client(f"https://127.0.0.1:{port}", sae, ctx, retry=FAST_RETRY)
         self.extra.append(c)
         return c

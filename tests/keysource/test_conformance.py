@@ -190,7 +190,7 @@ async def test_caller_mistakes_are_value_errors(h: Harness) -> None:
         await h.master.enc_keys("sae-b", number=0)
     with pytest.raises(ValueError, match="multiple of 8"):
         await h.master.enc_keys("sae-b", size_bits=250)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one"):
         await h.slave.dec_keys("sae-a", [])
 
 
