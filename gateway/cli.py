@@ -90,6 +90,17 @@ def _register_pki(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 _EXTRA_COMMANDS.append(_register_pki)
 
 
+def _register_keysource(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from gateway.initdemo import register as init_demo
+    from keysource.cli import register as kme
+
+    init_demo(sub)
+    kme(sub)
+
+
+_EXTRA_COMMANDS.append(_register_keysource)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -1,0 +1,1 @@
+"""Reusable test helpers (KME simulator processes, PKI for tests)."""
