@@ -19,12 +19,19 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.core import labels as L  # noqa: E402
-from gateway.core.auth import PkiAuthenticator  # noqa: E402
-from gateway.core.connection import Association, Connection, NeedQkdKeys, NeedQkdKeysById, Role, SessionParams  # noqa: E402
-from gateway.credentials import make_verifier  # noqa: E402
-from gateway.crypto import Aead, get_provider, x509  # noqa: E402
-from tests.core.pair import FakeKme, psk_auths  # noqa: E402
+from gateway.core import labels as L
+from gateway.core.auth import PkiAuthenticator
+from gateway.core.connection import (
+    Association,
+    Connection,
+    NeedQkdKeys,
+    NeedQkdKeysById,
+    Role,
+    SessionParams,
+)
+from gateway.credentials import make_verifier
+from gateway.crypto import Aead, get_provider, x509
+from tests.core.pair import FakeKme, psk_auths
 
 PROVIDER = get_provider("pyca")
 

@@ -38,6 +38,7 @@ from typing import Any
 
 from gateway.config import settings_from_dict, to_toml
 from gateway.errors import ConfigError
+from gateway.pki import write_gateway_pki
 from keysource.kme_config import load_kme_config
 
 KME_PKI = "kme-pki"
@@ -209,7 +210,14 @@ def site_sections(ports: DemoPorts) -> Sites:
                 "listen": f"127.0.0.1:{gw[me]}",
                 "peer": f"127.0.0.1:{gw[other]}",
             },
-            "auth": {"mode": "psk", "psk_file": "psk", "peer_name": SITES[other]},
+            "auth": {
+                "mode": "pki",
+                "cert": f"gw-pki/{site}.crt",
+                "key": f"gw-pki/{site}.key",
+                "ca": "gw-pki/ca.crt",
+                "peer_name": SITES[other],
+                "psk_file": "psk",  # QGW_AUTH__MODE=psk switches to the PSK
+            },
             "qkd": {
                 "mode": "required",
                 "source": "etsi014",
@@ -269,7 +277,7 @@ def init_demo(
 ) -> DemoResult:
     """Write the whole demo set into ``root`` (refuses to overwrite unless ``force``)."""
     root = Path(root)
-    ours = ["kme.toml", "psk", *(f"{s}.toml" for s in SITES), KME_PKI]
+    ours = ["kme.toml", "psk", *(f"{s}.toml" for s in SITES), KME_PKI, "gw-pki"]
     existing = [n for n in ours if (root / n).exists()]
     if existing and not force:
         raise ConfigError(
@@ -281,6 +289,7 @@ def init_demo(
     write_kme_pki(root, kme_hosts)
     kme = write_kme_config(root, ports)
     write_psk(root)
+    write_gateway_pki(root, list(SITES), force=force)
     sites = site_sections(ports)
     for step in EXTRA_STEPS:
         step(root, sites)
