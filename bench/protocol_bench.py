@@ -43,7 +43,13 @@ def pki_auths() -> tuple[PkiAuthenticator, PkiAuthenticator]:
         cert, key = x509.issue_cert(ca_cert, ca_key, name)
         chain = x509.load_cert_chain(cert)
         out.append(
-            PkiAuthenticator(name, certs=tuple(chain), key=x509.load_signing_key(key), provider=PROVIDER, verifier=make_verifier(ca_cert))
+            PkiAuthenticator(
+                name,
+                certs=tuple(chain),
+                key=x509.load_signing_key(key),
+                provider=PROVIDER,
+                verifier=make_verifier(ca_cert),
+            )
         )
     return out[0], out[1]
 
@@ -81,7 +87,11 @@ def one_handshake(auths: tuple[Any, Any], policy: L.QkdPolicyId) -> tuple[float,
 
 def stats(samples: list[float]) -> dict[str, float]:
     s = sorted(samples)
-    return {"median_ms": statistics.median(s) * 1e3, "p95_ms": s[int(len(s) * 0.95) - 1] * 1e3, "n": len(s)}
+    return {
+        "median_ms": statistics.median(s) * 1e3,
+        "p95_ms": s[int(len(s) * 0.95) - 1] * 1e3,
+        "n": len(s),
+    }
 
 
 def bench_handshakes(n: int) -> dict[str, Any]:
@@ -94,7 +104,10 @@ def bench_handshakes(n: int) -> dict[str, Any]:
                 a, b = one_handshake(auths, policy)
                 ii.append(a)
                 rr.append(b)
-            out[f"{name}/qkd={policy.name.lower()}"] = {"initiator": stats(ii), "responder": stats(rr)}
+            out[f"{name}/qkd={policy.name.lower()}"] = {
+                "initiator": stats(ii),
+                "responder": stats(rr),
+            }
     return out
 
 

@@ -464,7 +464,9 @@ class PeerLink:
             self._pending -= 1
             if old is not None and old is not s:
                 if old.conn.state is not State.CLOSED:
-                    old.conn.close(old.now(), L.Alert.CLOSE_NOTIFY, "replaced by a newer connection")
+                    old.conn.close(
+                        old.now(), L.Alert.CLOSE_NOTIFY, "replaced by a newer connection"
+                    )
                     old.wake.set()
                 if self.on_down is not None:
                     self.on_down()
