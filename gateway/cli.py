@@ -101,6 +101,17 @@ def _register_keysource(sub: argparse._SubParsersAction[argparse.ArgumentParser]
 _EXTRA_COMMANDS.append(_register_keysource)
 
 
+def _register_runtime(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from gateway.demo import register as demo
+    from gateway.runtime import register as run
+
+    run(sub)
+    demo(sub)
+
+
+_EXTRA_COMMANDS.append(_register_runtime)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

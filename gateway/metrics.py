@@ -430,18 +430,22 @@ class Metrics:
                 for res in MESSAGE_RESULTS:
                     self._messages.labels(rule=label, direction=d, result=res)
 
-    def message(self, rule: str, direction: str, result: str, reason: str | None = None) -> None:
+    def message(
+        self, rule: str, direction: str, result: str, reason: str | None = None, count: int = 1
+    ) -> None:
         """Count one MQTT message: ``direction`` out|in, ``result`` forwarded|delivered|dropped.
 
         For ``dropped``, ``reason`` (e.g. too_large, no_rule, decode) also counts it in
         ``qgw_messages_dropped_total``.
         """
         r, d, res = self._rule_v(rule), self._dir_v(direction), self._msg_result_v(result)
-        self._messages.labels(rule=r, direction=d, result=res).inc()
+        if count <= 0:
+            return
+        self._messages.labels(rule=r, direction=d, result=res).inc(count)
         if res == "dropped":
             self._dropped.labels(
                 rule=r, direction=d, reason=self._drop_reason_v(reason or "unspecified")
-            ).inc()
+            ).inc(count)
 
     def set_inflight(self, n: int, limit: int | None = None) -> None:
         """Set the number of messages in flight to the peer (and the window, if given)."""
