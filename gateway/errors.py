@@ -22,6 +22,11 @@ material: messages name the field or the peer, never secret bytes.
         +-- KeyNotFound              KME does not know the requested key ID
         +-- KmeBadAnswer             the KME's answer is malformed or not what was asked
         +-- KmeUnauthorized          the KME refused our identity (401)
+    +-- BridgeError                  moving a message between a broker and the peer link
+        +-- PeerUnavailable          the peer link is down; retry later (message stays unacked)
+        +-- PeerRejected             the peer's broker refused this message for good
+        +-- BrokerUnavailable        the local broker is not connected or did not answer
+        +-- BrokerRejected           the local broker refused a publish (reason code >= 0x80)
 """
 
 from __future__ import annotations
@@ -93,3 +98,27 @@ class KmeBadAnswer(KeySourceError):
 
 class KmeUnauthorized(KeySourceError):
     """The KME refused our SAE identity (HTTP 401)."""
+
+
+class BridgeError(GatewayError):
+    """Moving a message between the local broker and the peer link failed."""
+
+
+class PeerUnavailable(BridgeError):
+    """The peer link is down or the peer did not answer; the message may be retried."""
+
+
+class PeerRejected(BridgeError):
+    """The peer gateway's broker refused this message for good (retrying will not help)."""
+
+
+class BrokerUnavailable(BridgeError):
+    """The local broker is not connected or did not acknowledge in time."""
+
+
+class BrokerRejected(BridgeError):
+    """The local broker refused a publish with an MQTT v5 reason code >= 0x80."""
+
+    def __init__(self, message: str, reason_code: int) -> None:
+        self.reason_code = reason_code
+        super().__init__(message)
