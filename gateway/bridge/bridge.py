@@ -1,0 +1,360 @@
+"""The MQTT bridge: local broker <-> :class:`PeerTransport`, mosquitto-style topic rules.
+
+Outbound (local broker -> peer), per ``out``/``both`` rule: subscribe to
+``local_prefix + pattern`` (QoS = rule.qos, No Local unless a shared subscription, Retain As
+Published, a subscription identifier naming the rule); for each message strip
+``local_prefix``, add ``remote_prefix`` and call ``transport.forward``. The message is
+acknowledged to the local broker only after ``forward`` returned (end-to-end at-least-once);
+while the peer is unavailable it is retried with back-off and stays unacked, so the
+broker's persistent session is the store-and-forward queue.
+
+Inbound (peer -> local broker), :meth:`Bridge.deliver`: the first ``in``/``both`` rule whose
+``remote_prefix + pattern`` matches maps the topic back (strip ``remote_prefix``, add
+``local_prefix``); QoS = min(message QoS, rule QoS); retain flag and properties kept; the
+origin marker ``qgw-origin`` is added. Returns after the local broker's PUBACK.
+
+Loop prevention: No Local on our subscriptions (our own republished messages never come
+back to us) and the origin marker: a message carrying ``qgw-origin = <our site>`` is never
+forwarded, and :meth:`deliver` drops a message whose origin is our own site. The marker is
+*kept* on the far broker (applications there see one extra user property ``qgw-origin``)
+and *stripped* from :attr:`BridgeMessage.properties` when taken from a broker: it travels
+in :attr:`BridgeMessage.origin` instead, which keeps the first site's name across several
+gateway pairs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+from gateway.bridge.client import BrokerClient, Incoming, PahoBrokerClient, Subscription
+from gateway.bridge.transport import ORIGIN_PROPERTY, BridgeMessage, MessageProps, PeerTransport
+from gateway.config import Direction, MqttSection, Rule
+from gateway.errors import ConfigError, GatewayError, PeerRejected
+
+log = logging.getLogger("qgw.bridge")
+
+RETRY_MIN_SECONDS = 0.05
+RETRY_MAX_SECONDS = 5.0
+STOP_TIMEOUT_SECONDS = 10.0
+
+# Drop reasons (counter keys).
+DROP_OVERSIZE = "oversize"  # payload > mqtt.max_payload_bytes: logged, acked locally
+DROP_LOOP = "loop"  # origin marker names our own site
+DROP_NO_RULE = "no_rule"  # inbound topic matches no in/both rule
+DROP_REJECTED = "rejected"  # peer's broker refused it for good (PeerRejected)
+DROP_QOS0_UNAVAILABLE = "qos0_peer_unavailable"  # QoS 0 is not retried
+DROP_QOS0_OVERFLOW = "qos0_overflow"  # QoS 0 while the window is full
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT topic filter matching ('+' one level, '#' the rest; '$' topics need a literal)."""
+    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
+        return False
+    f = topic_filter.split("/")
+    t = topic.split("/")
+    for i, part in enumerate(f):
+        if part == "#":
+            return True
+        if i >= len(t):
+            return False
+        if part not in ("+", t[i]):
+            return False
+    return len(f) == len(t)
+
+
+@dataclass
+class RuleCounters:
+    """Counters of one rule (read by the metrics layer)."""
+
+    rule: Rule
+    messages_out: int = 0  # taken from the local broker, accepted by the peer's broker
+    bytes_out: int = 0
+    messages_in: int = 0  # received from the peer, accepted by the local broker
+    bytes_in: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)  # reason -> messages
+    inflight: int = 0  # forwarded but not yet acknowledged by the peer (gauge)
+    forward_retries: int = 0
+
+
+@dataclass
+class BridgeCounters:
+    """All bridge counters; ``rules`` is index-aligned with ``settings.rules``."""
+
+    rules: list[RuleCounters]
+    dropped: Counter[str] = field(default_factory=Counter)  # drops not tied to a rule
+    deliver_failures: int = 0  # deliver() raised (the peer will retry)
+    stale_acks: int = 0  # ack skipped: the broker connection changed (redelivery follows)
+
+    @property
+    def inflight(self) -> int:
+        return sum(r.inflight for r in self.rules)
+
+
+def _check_rule(i: int, rule: Rule) -> None:
+    for name in ("local_prefix", "remote_prefix"):
+        value = getattr(rule, name)
+        if "+" in value or "#" in value:
+            raise ConfigError([(f"mqtt.rules[{i}].{name}", "must not contain wildcards")])
+
+
+class Bridge:
+    """One gateway's MQTT side. ``start()``, then messages flow until ``stop()``."""
+
+    def __init__(
+        self,
+        settings: MqttSection,
+        site_id: str,
+        transport: PeerTransport,
+        *,
+        client: BrokerClient | None = None,
+        stop_timeout: float = STOP_TIMEOUT_SECONDS,
+    ) -> None:
+        for i, rule in enumerate(settings.rules):
+            _check_rule(i, rule)
+        self.settings = settings
+        self.site_id = site_id
+        self._transport = transport
+        self._client: BrokerClient = client or PahoBrokerClient(settings)
+        self._stop_timeout = stop_timeout
+        self.counters = BridgeCounters(rules=[RuleCounters(r) for r in settings.rules])
+        self._window = asyncio.Semaphore(settings.inflight)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._pending = 0  # outbound messages received and not finished (QoS 0 bound)
+        self._stopping = asyncio.Event()
+        self._started = False
+        self._out_rules = [
+            i
+            for i, r in enumerate(settings.rules)
+            if r.direction in (Direction.OUT, Direction.BOTH)
+        ]
+        self._in_rules = [
+            i for i, r in enumerate(settings.rules) if r.direction in (Direction.IN, Direction.BOTH)
+        ]
+
+    def __repr__(self) -> str:
+        return f"<Bridge site={self.site_id} rules={len(self.settings.rules)}>"
+
+    @property
+    def connected(self) -> bool:
+        return self._client.connected
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def subscriptions(self) -> list[Subscription]:
+        subs = []
+        for i in self._out_rules:
+            r = self.settings.rules[i]
+            topic_filter = r.local_prefix + r.pattern
+            # No Local is a protocol error on shared subscriptions (MQTT 5 3.8.3.1).
+            shared = topic_filter.startswith("$share/")
+            subs.append(Subscription(topic_filter, r.qos, not shared, i + 1))
+        return subs
+
+    async def start(self) -> None:
+        """Connect to the local broker and start forwarding (raises BrokerUnavailable)."""
+        self._started = True
+        await self._client.start(self.subscriptions(), self._on_message)
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Take no new messages, let in-flight forwards finish (up to ``timeout``), then
+        disconnect. Unfinished messages are not acknowledged: the broker redelivers them."""
+        self._stopping.set()
+        self._client.pause()
+        tasks = list(self._tasks)
+        if tasks:
+            _, pending = await asyncio.wait(
+                tasks, timeout=self._stop_timeout if timeout is None else timeout
+            )
+            await self._cancel(pending)
+        await self._client.stop()
+
+    async def abort(self) -> None:
+        """Stop at once (like a crash, in process): nothing more is acknowledged."""
+        self._stopping.set()
+        self._client.pause()
+        await self._cancel(set(self._tasks))
+        await self._client.stop()
+
+    async def _cancel(self, tasks: set[asyncio.Task[None]]) -> None:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+    # -- outbound: local broker -> peer -------------------------------------------------
+
+    def _rule_for(self, msg: Incoming) -> int | None:
+        for sid in sorted(msg.subscription_ids):
+            i = sid - 1
+            if i in self._out_rules:
+                return i
+        for i in self._out_rules:  # no identifiers (should not happen with a v5 broker)
+            r = self.settings.rules[i]
+            if topic_matches(r.local_prefix + r.pattern, msg.topic):
+                return i
+        return None
+
+    def _on_message(self, msg: Incoming) -> None:
+        """Called in the asyncio thread for each message from the local broker."""
+        if self._stopping.is_set():
+            return  # not acked: redelivered to the next session holder
+        i = self._rule_for(msg)
+        if i is None:
+            self.counters.dropped[DROP_NO_RULE] += 1
+            self._ack(msg)
+            return
+        rc = self.counters.rules[i]
+        rule = self.settings.rules[i]
+        if len(msg.payload) > self.settings.max_payload_bytes:
+            rc.dropped[DROP_OVERSIZE] += 1
+            log.warning(
+                "dropped a message of %d bytes on %r: larger than mqtt.max_payload_bytes = %d",
+                len(msg.payload),
+                msg.topic,
+                self.settings.max_payload_bytes,
+            )
+            self._ack(msg)
+            return
+        markers = [v for k, v in msg.properties.user_properties if k == ORIGIN_PROPERTY]
+        if self.site_id in markers:
+            rc.dropped[DROP_LOOP] += 1
+            self._ack(msg)
+            return
+        # The first marker names the site where the message entered; keep it across hops.
+        origin = markers[0] if markers else self.site_id
+        users = [kv for kv in msg.properties.user_properties if kv[0] != ORIGIN_PROPERTY]
+        if msg.qos == 0 and self._pending >= self.settings.inflight:
+            rc.dropped[DROP_QOS0_OVERFLOW] += 1
+            return
+        props = msg.properties
+        bm = BridgeMessage(
+            topic=rule.remote_prefix + msg.topic[len(rule.local_prefix) :],
+            payload=msg.payload,
+            qos=msg.qos,
+            retain=msg.retain,
+            properties=MessageProps(
+                user_properties=tuple(users),
+                content_type=props.content_type,
+                response_topic=props.response_topic,
+                correlation_data=props.correlation_data,
+                message_expiry_interval=props.message_expiry_interval,
+                payload_format_indicator=props.payload_format_indicator,
+            ),
+            origin=origin,
+        )
+        self._pending += 1
+        task = asyncio.get_running_loop().create_task(self._forward(i, msg, bm))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._pending -= 1
+
+    def _ack(self, msg: Incoming) -> None:
+        if not self._client.ack(msg):
+            self.counters.stale_acks += 1
+
+    async def _forward(self, i: int, msg: Incoming, bm: BridgeMessage) -> None:
+        rc = self.counters.rules[i]
+        async with self._window:
+            rc.inflight += 1
+            try:
+                await self._forward_until_done(rc, msg, bm)
+            finally:
+                rc.inflight -= 1
+
+    async def _forward_until_done(self, rc: RuleCounters, msg: Incoming, bm: BridgeMessage) -> None:
+        delay = RETRY_MIN_SECONDS
+        while True:
+            try:
+                await self._transport.forward(bm)
+            except PeerRejected as exc:
+                rc.dropped[DROP_REJECTED] += 1
+                log.warning("peer refused a message on %r: %s", msg.topic, exc)
+                self._ack(msg)
+                return
+            except GatewayError as exc:
+                if msg.qos == 0:
+                    rc.dropped[DROP_QOS0_UNAVAILABLE] += 1
+                    return
+                rc.forward_retries += 1
+                log.debug("forward on %r failed (%s); retrying in %.2f s", msg.topic, exc, delay)
+            except Exception:  # a transport bug must not kill the bridge
+                rc.forward_retries += 1
+                log.exception("transport.forward raised an unexpected error; retrying")
+            else:
+                rc.messages_out += 1
+                rc.bytes_out += len(bm.payload)
+                self._ack(msg)
+                return
+            if self._stopping.is_set():
+                return  # unacked: the broker redelivers it after restart
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            delay = min(delay * 2, RETRY_MAX_SECONDS)
+
+    # -- inbound: peer -> local broker --------------------------------------------------
+
+    def map_inbound(self, remote_topic: str) -> tuple[int, str] | None:
+        """(rule index, local topic) for a topic from the peer, or None."""
+        for i in self._in_rules:
+            r = self.settings.rules[i]
+            if remote_topic.startswith(r.remote_prefix):
+                rest = remote_topic[len(r.remote_prefix) :]
+                if rest and topic_matches(r.pattern, rest):
+                    return i, r.local_prefix + rest
+        return None
+
+    async def deliver(self, msg: BridgeMessage) -> None:
+        """Publish a message from the peer on the local broker; return after its PUBACK.
+
+        Dropping by policy (no matching rule, our own origin, oversize) counts and returns
+        normally, so the peer acknowledges it. Raises BrokerUnavailable / BrokerRejected
+        (``GatewayError``) if the local broker did not accept it: the peer must not ack.
+        """
+        if msg.origin == self.site_id:
+            self.counters.dropped[DROP_LOOP] += 1
+            return
+        mapped = self.map_inbound(msg.topic)
+        if mapped is None:
+            self.counters.dropped[DROP_NO_RULE] += 1
+            log.debug("no in/both rule for %r from the peer; dropped", msg.topic)
+            return
+        i, local_topic = mapped
+        rc = self.counters.rules[i]
+        rule = self.settings.rules[i]
+        if len(msg.payload) > self.settings.max_payload_bytes:
+            rc.dropped[DROP_OVERSIZE] += 1
+            log.warning(
+                "dropped a message of %d bytes from the peer on %r: larger than "
+                "mqtt.max_payload_bytes = %d",
+                len(msg.payload),
+                msg.topic,
+                self.settings.max_payload_bytes,
+            )
+            return
+        p = msg.properties
+        users = tuple(kv for kv in p.user_properties if kv[0] != ORIGIN_PROPERTY)
+        props = MessageProps(
+            user_properties=(*users, (ORIGIN_PROPERTY, msg.origin)),
+            content_type=p.content_type,
+            response_topic=p.response_topic,
+            correlation_data=p.correlation_data,
+            message_expiry_interval=p.message_expiry_interval,
+            payload_format_indicator=p.payload_format_indicator,
+        )
+        try:
+            await self._client.publish(
+                local_topic, msg.payload, min(msg.qos, rule.qos), msg.retain, props
+            )
+        except GatewayError:
+            self.counters.deliver_failures += 1
+            raise
+        rc.messages_in += 1
+        rc.bytes_in += len(msg.payload)
