@@ -5,7 +5,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	.venv/bin/qgw check-config --config config.example.toml
+	.venv/bin/qgw demo --duration 30
 
 test: setup
 	.venv/bin/python -m pytest -q

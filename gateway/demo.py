@@ -83,7 +83,9 @@ class Demo:
 
     # --- processes ---
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 -- handed to the child, closed by the OS
         full_env = {**os.environ, **(env or {})}
         full_env["PYTHONUNBUFFERED"] = "1"
@@ -105,7 +107,9 @@ class Demo:
             for name, p in self.procs:
                 if p.poll() is not None:
                     tail = (self.root / f"{name}.log").read_text(errors="replace")[-2000:]
-                    raise DemoError(f"{name} exited with {p.returncode} while waiting for {what}:\n{tail}")
+                    raise DemoError(
+                        f"{name} exited with {p.returncode} while waiting for {what}:\n{tail}"
+                    )
             time.sleep(0.1)
         raise DemoError(f"timed out waiting for {what} (logs in {self.root})")
 
@@ -119,8 +123,13 @@ class Demo:
             self.brokers.append(b)
         print(f"  mosquitto site A 127.0.0.1:{ports.mqtt_a}, site B 127.0.0.1:{ports.mqtt_b}")
         self._spawn("kme", ["kme", "serve", "--config", str(res.kme_config)])
-        self._wait_for("the KME simulator", lambda: "ready" in (self.root / "kme.log").read_text(errors="replace"))
-        print(f"  KME simulator: KME A https://127.0.0.1:{ports.kme_a}, KME B https://127.0.0.1:{ports.kme_b}")
+        self._wait_for(
+            "the KME simulator",
+            lambda: "ready" in (self.root / "kme.log").read_text(errors="replace"),
+        )
+        print(
+            f"  KME simulator: KME A https://127.0.0.1:{ports.kme_a}, KME B https://127.0.0.1:{ports.kme_b}"
+        )
         env = {"QGW_REKEY__INTERVAL_SECONDS": str(DEMO_REKEY_SECONDS)}
         self.metrics_a = f"http://127.0.0.1:{ports.metrics_a}/metrics"
         self.metrics_b = f"http://127.0.0.1:{ports.metrics_b}/metrics"
@@ -129,11 +138,15 @@ class Demo:
         settings = load_settings(self.root / "site-a.toml")
         self.suite = settings.crypto.suite.value
         self.qkd_mode = settings.qkd.mode.value
-        print(f"  gateways: A (initiator) -> B (responder) 127.0.0.1:{ports.gw_b}, rekey every {DEMO_REKEY_SECONDS:.0f} s")
+        print(
+            f"  gateways: A (initiator) -> B (responder) 127.0.0.1:{ports.gw_b}, rekey every {DEMO_REKEY_SECONDS:.0f} s"
+        )
         self._wait_for(
             "the gateways' session",
-            lambda: _sum(_scrape(self.metrics_a), "qgw_session_state", "state=established") == 1
-            and _sum(_scrape(self.metrics_b), "qgw_session_state", "state=established") == 1,
+            lambda: (
+                _sum(_scrape(self.metrics_a), "qgw_session_state", "state=established") == 1
+                and _sum(_scrape(self.metrics_b), "qgw_session_state", "state=established") == 1
+            ),
         )
         self.ports = ports
 
@@ -141,7 +154,9 @@ class Demo:
 
     def _clients(self) -> tuple[paho.Client, paho.Client]:
         c = self.counts
-        sub = paho.Client(CallbackAPIVersion.VERSION2, client_id="demo-subscriber-b", protocol=paho.MQTTv5)
+        sub = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id="demo-subscriber-b", protocol=paho.MQTTv5
+        )
         subscribed = threading.Event()
 
         def on_message(_c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
@@ -161,7 +176,9 @@ class Demo:
         sub.loop_start()
         if not subscribed.wait(10):
             raise DemoError("subscriber at site B could not subscribe")
-        pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="demo-publisher-a", protocol=paho.MQTTv5)
+        pub = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id="demo-publisher-a", protocol=paho.MQTTv5
+        )
 
         def on_publish(*_a: Any) -> None:
             with c.lock:
@@ -214,7 +231,9 @@ class Demo:
                 n += 1
                 if now >= next_status:
                     line = self.status_line(now - started)
-                    print(("\r" + line + "   ") if tty else line, end="" if tty else "\n", flush=True)
+                    print(
+                        ("\r" + line + "   ") if tty else line, end="" if tty else "\n", flush=True
+                    )
                     next_status = now + (1.0 if tty else 5.0)
                 time.sleep(1.0 / self.rate)
         except KeyboardInterrupt:
@@ -242,14 +261,18 @@ class Demo:
         keys_b = int(_sum(b, "qgw_qkd_keys_total"))
         bits = int(_sum(a, "qgw_qkd_key_bits_total") + _sum(b, "qgw_qkd_key_bits_total"))
         print("summary")
-        print(f"  suite               {self.suite_label(a)} (AES-256-GCM, HKDF-SHA-384), auth ML-DSA PKI")
+        print(
+            f"  suite               {self.suite_label(a)} (AES-256-GCM, HKDF-SHA-384), auth ML-DSA PKI"
+        )
         print(f"  duration            {elapsed:.1f} s")
         print(f"  messages published  {c.published} at site A (QoS 1)")
         print(f"  messages delivered  {delivered} at site B ({c.duplicates} duplicates)")
         print(f"  messages lost       {lost}")
         print(f"  handshakes          {handshakes}")
         print(f"  rekeys              {rekeys}")
-        print(f"  QKD keys consumed   {keys_a} at A (enc_keys) + {keys_b} at B (dec_keys), {bits} bits in all")
+        print(
+            f"  QKD keys consumed   {keys_a} at A (enc_keys) + {keys_b} at B (dec_keys), {bits} bits in all"
+        )
         print(f"  logs                {self.root}")
         return 0 if lost == 0 and delivered > 0 else 1
 
@@ -288,8 +311,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "simulator pair, two gateways; publish at site A and count at site B. Ctrl-C stops "
         "(or --duration N). Exit 0 when nothing published was lost.",
     )
-    p.add_argument("--duration", type=float, default=None, help="stop after N seconds and print a summary")
-    p.add_argument("--rate", type=int, default=PUBLISH_PER_SECOND, help="messages per second published at site A")
-    p.add_argument("--dir", type=Path, default=None, help="use this folder instead of a temporary one")
+    p.add_argument(
+        "--duration", type=float, default=None, help="stop after N seconds and print a summary"
+    )
+    p.add_argument(
+        "--rate",
+        type=int,
+        default=PUBLISH_PER_SECOND,
+        help="messages per second published at site A",
+    )
+    p.add_argument(
+        "--dir", type=Path, default=None, help="use this folder instead of a temporary one"
+    )
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, configs)")
     p.set_defaults(handler=cmd_demo)

@@ -46,8 +46,13 @@ class Gateway:
             register_secret(settings.mqtt.password.get_secret_value())
         self.provider = get_provider(settings.crypto.provider)
         self.auth = load_authenticator(settings, self.provider)
-        self.keysource: KeySource | None = None if settings.qkd.mode is QkdMode.OFF else from_settings(settings.qkd)
-        self.metrics = Metrics(site_id=settings.gateway.site_id, rules=[str(i) for i in range(len(settings.mqtt.rules))])
+        self.keysource: KeySource | None = (
+            None if settings.qkd.mode is QkdMode.OFF else from_settings(settings.qkd)
+        )
+        self.metrics = Metrics(
+            site_id=settings.gateway.site_id,
+            rules=[str(i) for i in range(len(settings.mqtt.rules))],
+        )
         self.metrics.set_qkd_mode(settings.qkd.mode.value)
         self.transport = SecureTransport(self._send)
         self.bridge = Bridge(settings.mqtt, settings.gateway.site_id, self.transport)
@@ -103,7 +108,12 @@ class Gateway:
             try:
                 await self.bridge.start()
             except BrokerUnavailable as exc:
-                log.warning("local broker %s unavailable (%s); retry in %.1f s", self.settings.mqtt.broker, exc, delay)
+                log.warning(
+                    "local broker %s unavailable (%s); retry in %.1f s",
+                    self.settings.mqtt.broker,
+                    exc,
+                    delay,
+                )
                 await asyncio.sleep(delay)
                 delay = min(BROKER_RETRY_MAX_SECONDS, delay * 2)
             else:
@@ -117,7 +127,9 @@ class Gateway:
 
     def _bump(self, key: tuple[str, str, str, str], total: int) -> None:
         rule, direction, result, reason = key
-        self.metrics.message(rule, direction, result, reason or None, count=total - self._seen.get(key, 0))
+        self.metrics.message(
+            rule, direction, result, reason or None, count=total - self._seen.get(key, 0)
+        )
         self._seen[key] = total
 
     def _sync_metrics(self) -> None:
