@@ -21,7 +21,7 @@ from gateway.bridge.bridge import Bridge
 from gateway.config import QkdMode, Settings, load_settings, require_files
 from gateway.credentials import load_authenticator
 from gateway.crypto import get_provider
-from gateway.errors import BrokerUnavailable, GatewayError
+from gateway.errors import BrokerUnavailable
 from gateway.health import HttpServer, start_http
 from gateway.link import PeerLink
 from gateway.logs import register_secret, setup_logging
@@ -166,10 +166,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         await gw.run(stop)
 
-    try:
-        asyncio.run(main())
-    except GatewayError:
-        raise
+    asyncio.run(main())
     return 0
 
 

@@ -4,6 +4,7 @@ peer restart (visible re-bootstrap), QKD policy in operation. Static QKD keys, P
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 from gateway.credentials import load_authenticator
@@ -50,10 +51,8 @@ class Site:
         await self.link.stop()
         if self.task:
             self.task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self.task
-            except asyncio.CancelledError:
-                pass
         if self.keysource:
             await self.keysource.aclose()
 
