@@ -86,6 +86,26 @@ def preload(port: int, n: int, payload: bytes) -> None:
     c.loop_stop()
 
 
+def leftover(port: int, client_id: str) -> int:
+    """Messages the broker still holds for the session (all should have been acked)."""
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    got = 0
+
+    def on_message(*_: Any) -> None:
+        nonlocal got
+        got += 1
+
+    c.on_message = on_message
+    p = _connect_props()
+    p.SessionExpiryInterval = 0  # end the session after this check
+    c.connect("127.0.0.1", port, clean_start=False, properties=p)
+    c.loop_start()
+    time.sleep(1.0)
+    c.disconnect()
+    c.loop_stop()
+    return got
+
+
 async def run_aiomqtt(port: int, client_id: str, n: int) -> float:
     import aiomqtt
 
@@ -193,6 +213,8 @@ def main() -> None:
                 preload(broker.port, args.messages, b"x" * args.payload)
                 secs = asyncio.run(fn(broker.port, cid, args.messages))  # type: ignore[arg-type]
                 rates.append(args.messages / secs)
+                left = leftover(broker.port, cid)
+                assert left == 0, f"{name}: {left} messages left unacked"
                 print(f"{name:45s} round {r}: {args.messages / secs:9.0f} msg/s")
             results[name] = {
                 "msgs_per_s_median": round(statistics.median(rates)),
