@@ -24,10 +24,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway import crypto as C  # noqa: E402  (after the path tweak, for direct runs)
-from gateway.crypto import KemAlg, SigAlg, get_provider  # noqa: E402
-from gateway.crypto import x509 as gx  # noqa: E402
-from gateway.errors import ProviderUnavailable  # noqa: E402
+from gateway import crypto as C
+from gateway.crypto import KemAlg, SigAlg, get_provider
+from gateway.crypto import x509 as gx
+from gateway.errors import ProviderUnavailable
 
 RESULTS = ROOT / "bench" / "results" / "crypto.json"
 
