@@ -49,6 +49,7 @@ log = logging.getLogger("qgw.link")
 
 KEEPALIVE_SECONDS = 5.0
 DEAD_PEER_SECONDS = 20.0
+PRE_AUTH_IDLE_SECONDS = 5.0  # an unauthenticated connection that goes quiet this long is dropped
 MAX_PENDING_CONNECTIONS = 4  # responder: half-open handshakes at once
 READ_CHUNK = 256 * 1024
 
@@ -122,6 +123,12 @@ class _Session:
     def is_closed(self) -> bool:
         return self.conn.state is State.CLOSED
 
+    def idle_limit(self) -> float:
+        """Silence allowed before the connection is dropped."""
+        if self.established.is_set() or self.tasks or self.link.role is CoreRole.INITIATOR:
+            return DEAD_PEER_SECONDS  # authenticated, or waiting for our own KME
+        return PRE_AUTH_IDLE_SECONDS
+
     def flush(self) -> None:
         out = self.conn.data_to_send()
         if out and not self.writer.is_closing():
@@ -139,7 +146,7 @@ class _Session:
                 if self.is_closed():
                     break
                 now = self.now()
-                timers = [self.last_rx + DEAD_PEER_SECONDS]
+                timers = [self.last_rx + self.idle_limit()]
                 if self.conn.state is State.ESTABLISHED:
                     timers.append(self.last_tx + KEEPALIVE_SECONDS)
                 if (t := self.conn.get_timer()) is not None:
@@ -166,7 +173,7 @@ class _Session:
                 t = self.conn.get_timer()
                 if t is not None and now >= t:
                     self.conn.handle_timer(now)
-                if now - self.last_rx >= DEAD_PEER_SECONDS:
+                if now - self.last_rx >= self.idle_limit():
                     self.conn.close(now, L.Alert.TIMEOUT, "peer silent")
                     self.link.status.last_close = "peer silent (dead-peer timeout)"
                 elif (
@@ -180,6 +187,10 @@ class _Session:
                 await asyncio.wait_for(self.writer.drain(), 2)
         except (ConnectionError, OSError) as exc:
             self.link.status.last_close = f"connection lost: {exc.__class__.__name__}"
+        except Exception:  # a bug must cost one connection, never the gateway
+            log.exception("connection aborted by an internal error")
+            self.link.status.last_close = "internal error (see log)"
+            self.link.internal_errors += 1
         finally:
             if read_task is not None:
                 read_task.cancel()
@@ -285,9 +296,10 @@ class PeerLink:
         self._up = asyncio.Event()
         self._stopping = False
         self._server: asyncio.Server | None = None
-        self._pending = 0
         self._listen_port: int | None = None
         self._rebootstrap_next = False
+        self.internal_errors = 0
+        self._unauthenticated: list[_Session] = []
 
     # --- public ---
 
@@ -432,18 +444,26 @@ class PeerLink:
             self._server.close()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._pending >= MAX_PENDING_CONNECTIONS or self._stopping:
+        if self._stopping:
             writer.close()
             return
-        self._pending += 1
+        if len(self._unauthenticated) >= MAX_PENDING_CONNECTIONS:
+            # Evict the oldest unauthenticated connection rather than refuse the newest, so
+            # idle sockets cannot lock the real peer out.
+            old = self._unauthenticated.pop(0)
+            old.conn.close(old.now(), L.Alert.RATE_LIMITED, "too many unauthenticated connections")
+            old.wake.set()
+        peer = writer.get_extra_info("peername")
+        source = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         params = session_params(self.settings, self.role)
-        conn = Connection(params, self.auth, self.provider, self.rng, self.assoc)
+        conn = Connection(params, self.auth, self.provider, self.rng, self.assoc, source=source)
         s = _Session(self, conn, reader, writer)
+        self._unauthenticated.append(s)
         try:
             await s.run()
         finally:
-            if not s.established.is_set():
-                self._pending -= 1
+            if s in self._unauthenticated:
+                self._unauthenticated.remove(s)
             if self._current is s:
                 self._lost()
 
@@ -461,7 +481,8 @@ class PeerLink:
     def _on_established(self, s: _Session, ev: HandshakeComplete) -> None:
         old = self._current
         if self.role is CoreRole.RESPONDER:
-            self._pending -= 1
+            if s in self._unauthenticated:
+                self._unauthenticated.remove(s)
             if old is not None and old is not s:
                 if old.conn.state is not State.CLOSED:
                     old.conn.close(
@@ -551,7 +572,7 @@ class PeerLink:
             self._rebootstrap_next = True
             self.status.alarms["rebootstrap"] = "peer lost its session state; bootstrapping again"
             log.warning("peer has no session for our chain: bootstrapping again (alarm)")
-        if ev.alert is L.Alert.QKD_UNAVAILABLE:
+        if ev.alert is L.Alert.QKD_UNAVAILABLE and not ev.by_peer:
             self.metrics.set_alarm("qkd_unavailable", True)
             self.status.alarms["qkd-unavailable"] = ev.reason
         level = logging.INFO if ev.alert is L.Alert.CLOSE_NOTIFY else logging.WARNING
@@ -562,3 +583,6 @@ class PeerLink:
             await self.on_message(data)
         except GatewayError as exc:
             log.warning("peer message not handled: %s", exc)
+        except Exception:
+            self.internal_errors += 1
+            log.exception("peer message handler failed")

@@ -78,7 +78,7 @@ class Gateway:
         if s.metrics.listen:
             self.http = await start_http(s.metrics.listen, self.metrics, self.link.readiness)
             log.info("metrics and health on http://%s:%d/", self.http.host, self.http.port)
-        link_task = asyncio.ensure_future(self.link.run())
+        link_task = asyncio.ensure_future(self._supervise_link(stop))
         sync_task = asyncio.ensure_future(self._sync_metrics_forever())
         bridge_task = asyncio.ensure_future(self._start_bridge(stop))
         try:
@@ -100,6 +100,17 @@ class Gateway:
             if self.keysource is not None:
                 await self.keysource.aclose()
             log.info("stopped")
+
+    async def _supervise_link(self, stop: asyncio.Event) -> None:
+        """Run the peer link; if it ever fails (a bug), log it and start it again."""
+        while not stop.is_set():
+            try:
+                await self.link.run()
+            except Exception:
+                log.exception("peer link failed; restarting it in 1 s")
+                await asyncio.sleep(1.0)
+            else:
+                return
 
     async def _start_bridge(self, stop: asyncio.Event) -> None:
         """Connect to the local broker, retrying with back-off (the broker may start later)."""

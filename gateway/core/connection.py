@@ -192,8 +192,10 @@ class Association:
         self.qkd_used: bool | None = None  # QKD use of the current epoch (to alarm on change)
         self.used_key_ids: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self.seen_nonces: collections.OrderedDict[bytes, None] = collections.OrderedDict()
-        self.tokens = float(L.BOOTSTRAP_BURST)
-        self.tokens_at: float | None = None
+        # bootstrap token buckets per source (the shell passes the peer's IP address, which TCP
+        # has already proven): forged INITs from one address cannot starve another.
+        self.buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
+        self.updated_at = 0.0  # `now` of the last epoch change (stale chains are dropped)
 
     def remember(self, cache: collections.OrderedDict[bytes, None], item: bytes) -> bool:
         """Add ``item``; False if it was already there (replay)."""
@@ -204,17 +206,14 @@ class Association:
             cache.popitem(last=False)
         return True
 
-    def take_token(self, now: float) -> bool:
-        if self.tokens_at is not None:
-            self.tokens = min(
-                float(L.BOOTSTRAP_BURST),
-                self.tokens + (now - self.tokens_at) * L.BOOTSTRAP_PER_SECOND,
-            )
-        self.tokens_at = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
+    def take_token(self, now: float, source: str = "") -> bool:
+        tokens, at = self.buckets.pop(source, (float(L.BOOTSTRAP_BURST), now))
+        tokens = min(float(L.BOOTSTRAP_BURST), tokens + (now - at) * L.BOOTSTRAP_PER_SECOND)
+        ok = tokens >= 1
+        self.buckets[source] = (tokens - 1 if ok else tokens, now)
+        while len(self.buckets) > 1024:
+            self.buckets.popitem(last=False)
+        return ok
 
     def set_chain(self, epoch: int, chain: bytes) -> None:
         self.chain = chain
@@ -269,6 +268,8 @@ class Connection:
         provider: Provider,
         rng: Rng,
         association: Association,
+        *,
+        source: str = "",
     ) -> None:
         if auth.identity == params.peer_name:
             raise LocalProtocolError("peer name equals our own identity (reflection)")
@@ -277,6 +278,7 @@ class Connection:
         self.provider = provider
         self.rng = rng
         self.assoc = association
+        self.source = source  # the peer's address, for per-source admission limits
         self.kem_alg = SUITE_KEM[params.suite]
         self.state = State.I_START if params.role is Role.INITIATOR else State.R_EXPECT_INIT
         self._frames = FrameBuffer()
@@ -294,6 +296,8 @@ class Connection:
         self._s3 = b""
         self._peer: PeerIdentity | None = None
         self._qkd_used = False
+        self._rebootstrap = False
+        self._next_chain: tuple[int, bytes] | None = None
         # rekey scratch
         self.rekey_phase = RekeyPhase.IDLE
         self._rk_init: RekeyInit | None = None
@@ -443,7 +447,7 @@ class Connection:
         if self.state is State.CLOSED:
             return
         self.stats[f"abort_{alert.name.lower()}"] += 1
-        self._out += AlertMsg(alert, reason[:64]).encode()
+        self._out += AlertMsg(alert, alert.name.lower()).encode()  # details stay local
         self._finish(alert, reason, by_peer=False)
 
     def _finish(self, alert: L.Alert, reason: str, by_peer: bool) -> None:
@@ -477,7 +481,13 @@ class Connection:
             self.stats["frames_received"] += 1
             if ftype is L.FrameType.ALERT:
                 msg = AlertMsg.decode(body)
-                self._finish(L.Alert(msg.code), f"peer alert: {msg.reason}", by_peer=True)
+                alert = L.Alert(msg.code)
+                if self.state is State.ESTABLISHED or (
+                    alert is L.Alert.NO_SESSION and self.state is not State.I_EXPECT_REKEY_RESP
+                ):
+                    # Unauthenticated: it may close this connection, nothing more (§8).
+                    alert = L.Alert.UNEXPECTED_MESSAGE
+                self._finish(alert, f"peer alert {msg.code}", by_peer=True)
                 return
             if ftype is L.FrameType.RECORD:
                 self._on_record(body, now)
@@ -501,9 +511,7 @@ class Connection:
             )
         ):
             self._consume_rekey_init(RekeyInit.decode(body), raw, now)
-        elif ftype is L.FrameType.REKEY_RESP and (
-            s is State.I_EXPECT_REKEY_RESP or self.rekey_phase is RekeyPhase.EXPECT_REKEY_RESP
-        ):
+        elif ftype is L.FrameType.REKEY_RESP and self.rekey_phase is RekeyPhase.EXPECT_REKEY_RESP:
             self._consume_rekey_response(RekeyResp.decode(body), raw, now)
         else:
             raise _Fail(L.Alert.UNEXPECTED_MESSAGE, f"{ftype.name} not expected in {s.name}")
@@ -519,6 +527,11 @@ class Connection:
             self._create_init(now)
         elif self.state is State.R_EXPECT_QKD_KEY:
             self._qkd = qkd
+            if qkd is None and self._rebootstrap:
+                raise _Fail(
+                    L.Alert.QKD_UNAVAILABLE,
+                    "re-bootstrap without QKD refused while a chain is live",
+                )
             if qkd is None:
                 self._qkd_missing("bootstrap")
             self._create_response(now)
@@ -589,16 +602,13 @@ class Connection:
 
     def _consume_response(self, m: Resp, raw: bytes, now: float) -> None:
         """B6 consume_response."""
-        assert self._init is not None
-        assert self._kem_key is not None
-        assert self._x_key is not None
+        if self._init is None or self._kem_key is None or self._x_key is None:
+            raise _Fail(L.Alert.UNEXPECTED_MESSAGE, "RESP without INIT")
         offered = self._init.qkd_offered
         if m.qkd_used and not offered:
             raise _Fail(
                 L.Alert.QKD_POLICY_MISMATCH, "responder claims a QKD key that was not offered"
             )
-        if offered and not m.qkd_used:
-            self._qkd_missing("bootstrap (responder had no QKD key)")
         self._qkd_used = m.qkd_used
         mlkem_ss = self.provider.decapsulate(self._kem_key, m.kem_ciphertext)
         x_ss = self._x_key.exchange(m.x25519_public)
@@ -611,6 +621,8 @@ class Connection:
         expect = hmac_sha384(schedule.finished_key(self._s3, L.L_FINISHED_R, th2s), th2s)
         if not constant_time_equal(expect, m.finished):
             raise AuthenticationError("responder finished MAC does not verify")
+        if offered and not m.qkd_used:  # authenticated now: apply the policy
+            self._qkd_missing("bootstrap (responder had no QKD key)")
         self._resp_frame = raw
         self._create_confirm(now)
 
@@ -656,16 +668,22 @@ class Connection:
             raise _Fail(L.Alert.QKD_POLICY_MISMATCH, "QKD key offered under qkd = off")
         if not m.qkd_offered and p.qkd_policy is L.QkdPolicyId.REQUIRED:
             raise _Fail(L.Alert.QKD_UNAVAILABLE, "no QKD key offered and qkd = required")
-        if not self.assoc.take_token(now):
+        max_age = self.params.rekey_interval * L.REJECT_AFTER_FACTOR
+        if self.assoc.chain is not None and now - self.assoc.updated_at > max_age:
+            self.assoc.forget()  # the chain is stale: the session it belonged to has expired
+        self._rebootstrap = self.assoc.chain is not None
+        if self._rebootstrap and not m.qkd_offered and p.qkd_policy is not L.QkdPolicyId.OFF:
+            # A live QKD-authenticated chain exists: a new bootstrap must bring a QKD key too,
+            # so that stolen bootstrap credentials alone cannot replace the session (§5).
+            raise _Fail(
+                L.Alert.QKD_UNAVAILABLE, "re-bootstrap without QKD refused while a chain is live"
+            )
+        if not self.assoc.take_token(now, self.source):
             raise _Fail(L.Alert.RATE_LIMITED, "too many bootstrap attempts")
         if not self.assoc.remember(self.assoc.seen_nonces, m.nonce):
             raise ReplayError("INIT nonce seen before")
         if m.qkd_offered and not self.assoc.remember(self.assoc.used_key_ids, m.qkd_key_id):
             raise ReplayError("QKD key ID used before")
-        if self.assoc.chain is not None:
-            self._events.append(
-                Alarm("rebootstrap", "peer bootstraps although a QKD-authenticated chain exists")
-            )
         self._init, self._init_frame = m, raw
         self._deadline = now + p.handshake_timeout
         if m.qkd_offered:
@@ -715,6 +733,13 @@ class Connection:
         expect = hmac_sha384(schedule.finished_key(self._s3, L.L_FINISHED_I, th3s), th3s)
         if not constant_time_equal(expect, m.finished):
             raise AuthenticationError("initiator finished MAC does not verify")
+        if self._rebootstrap:
+            self._events.append(
+                Alarm(
+                    "rebootstrap",
+                    "peer bootstrapped again although a QKD-authenticated chain existed",
+                )
+            )
         th3 = sha384(prefix + raw)
         keys = schedule.epoch_keys(self._s3, th3)  # B9
         self._install_epoch(0, keys, th3, now)
@@ -764,6 +789,7 @@ class Connection:
         self.epoch_started = now
         self.transcript_hash = th
         self.assoc.set_chain(epoch, keys.chain)
+        self.assoc.updated_at = now
 
     def _established(self, now: float, peer: PeerIdentity, resumed: bool) -> None:
         self.state = State.ESTABLISHED
@@ -848,10 +874,16 @@ class Connection:
         mac_i, _ = schedule.rekey_mac_keys(base, m.epoch)
         if not constant_time_equal(hmac_sha384(mac_i, m.auth_input() + m.wc_tag), m.mac):
             raise AuthenticationError("REKEY_INIT chain MAC does not verify")
+        if not a.remember(a.seen_nonces, sha384(raw)):
+            raise ReplayError("REKEY_INIT seen before")
         if base is not a.chain:
             assert a.next is not None
             a.set_chain(a.next[0], a.next[1])
-            self._promote_if_pending()
+            a.updated_at = now
+            if self._promote_if_pending():
+                self.epoch_started = now
+                self.stats["rekeys"] += 1
+                self._events.append(RekeyComplete(self.epoch, self._qkd_used, self.transcript_hash))
         if m.qkd_offered and self.params.qkd_policy is L.QkdPolicyId.OFF:
             raise _Fail(L.Alert.QKD_POLICY_MISMATCH, "QKD keys offered under qkd = off")
         if not m.qkd_offered and self.params.qkd_policy is L.QkdPolicyId.REQUIRED:
@@ -914,7 +946,8 @@ class Connection:
         self._recv_next = RecvState(m.epoch, keys.key_i2r, keys.iv_i2r, p.max_records, p.max_bytes)
         self._next_th = th
         self._qkd_used = used
-        self.assoc.next = (m.epoch, keys.chain)
+        self._next_chain = (m.epoch, keys.chain)
+        self.assoc.next = self._next_chain
         self.rekey_phase = RekeyPhase.IDLE
         self._rk_init = None
         self._rk_base_chain = b""
@@ -927,9 +960,8 @@ class Connection:
     def _consume_rekey_response(self, m: RekeyResp, raw: bytes, now: float) -> None:
         """RK5 consume_rekey_response, then RK6 switch to the new epoch."""
         init = self._rk_init
-        assert init is not None
-        assert self._kem_key is not None
-        assert self._x_key is not None
+        if init is None or self._kem_key is None or self._x_key is None:
+            raise _Fail(L.Alert.UNEXPECTED_MESSAGE, "REKEY_RESP without REKEY_INIT")
         if m.epoch != init.epoch:
             raise ReplayError("REKEY_RESP for another epoch")
         tagged = sha384(self._rk_init_frame) + m.auth_input()
@@ -971,10 +1003,10 @@ class Connection:
             self.stats["rekeys"] += 1
             self._events.append(RekeyComplete(self.epoch, self._qkd_used, th))
 
-    def _promote_if_pending(self) -> None:
+    def _promote_if_pending(self) -> bool:
         """RK7: the initiator is on the new epoch: make `next` current (responder)."""
         if self._send_next is None or self._recv_next is None:
-            return
+            return False
         for st in (self._send, self._recv_prev):
             if st is not None:
                 st.wipe()
@@ -985,8 +1017,10 @@ class Connection:
         self._send_next = self._recv_next = None
         self.epoch = self._send.epoch
         self.transcript_hash = self._next_th
-        if self.assoc.next is not None and self.assoc.next[0] == self.epoch:
-            self.assoc.set_chain(*self.assoc.next)
+        if self._next_chain is not None and self._next_chain[0] == self.epoch:
+            self.assoc.set_chain(*self._next_chain)  # the chain this connection derived
+        self._next_chain = None
+        return True
 
     # --- records ------------------------------------------------------------------------
 
@@ -1008,6 +1042,7 @@ class Connection:
             was_resume = self.state is State.R_EXPECT_EPOCH_CONFIRM
             self.epoch_started = now
             self._promote_if_pending()
+            self.assoc.updated_at = now
             if was_resume:
                 self._established(now, PeerIdentity(self.params.peer_name, "chain"), resumed=True)
             else:
@@ -1077,8 +1112,11 @@ class Connection:
             return
         if self._deadline is not None and now >= self._deadline:
             self._deadline = None
+            if self.rekey_phase is RekeyPhase.R_EXPECT_QKD_KEYS:
+                raise _Fail(L.Alert.TIMEOUT, "QKD keys for the peer's rekey did not arrive in time")
             if self.state is State.ESTABLISHED and self.params.role is Role.INITIATOR:
                 # a rekey exchange timed out: keep the current keys, try again shortly
+                self._wipe_handshake()
                 self.rekey_phase = RekeyPhase.IDLE
                 self._rk_next_retry = now + L.REKEY_RETRY_SECONDS
                 self._events.append(Alarm("rekey-failed", "rekey exchange timed out"))

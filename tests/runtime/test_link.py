@@ -184,3 +184,31 @@ async def test_preferred_runs_without_qkd_and_alarms(tmp_path: Path) -> None:
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_idle_unauthenticated_sockets_cannot_lock_out_the_peer(tmp_path: Path) -> None:
+    """Review M3: more idle TCP connections than pending slots; the real peer still gets in."""
+    da, db = site_pair(tmp_path)
+    b = Site(db, tmp_path)
+    b.start()
+    await until(lambda: b.link.listen_port is not None)
+    idle = [await asyncio.open_connection("127.0.0.1", b.link.listen_port) for _ in range(6)]
+    a = Site(da, tmp_path)
+    a.start()
+    try:
+        assert await a.link.wait_up(8)
+    finally:
+        for _r, w in idle:
+            w.close()
+        await a.stop()
+        await b.stop()
+
+
+async def test_forged_inits_from_another_address_do_not_starve_the_peer() -> None:
+    """Review M2: the bootstrap rate limit is per source address."""
+    from gateway.core.connection import Association
+
+    assoc = Association()
+    assert all(assoc.take_token(0.0, "203.0.113.9") for _ in range(5))
+    assert not assoc.take_token(0.0, "203.0.113.9")
+    assert assoc.take_token(0.0, "127.0.0.1")
