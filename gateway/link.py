@@ -52,6 +52,7 @@ DEAD_PEER_SECONDS = 20.0
 PRE_AUTH_IDLE_SECONDS = 5.0  # an unauthenticated connection that goes quiet this long is dropped
 MAX_PENDING_CONNECTIONS = 4  # responder: half-open handshakes at once
 READ_CHUNK = 256 * 1024
+WRITE_HIGH_WATER = 1 << 20  # bytes queued in the socket before send() waits (backpressure)
 
 SUITE_IDS = {
     Suite.MLKEM768_X25519: L.SuiteId.MLKEM768_X25519_AES256GCM_SHA384,
@@ -116,6 +117,7 @@ class _Session:
         self.closed = asyncio.Event()
         self.last_rx = self.last_tx = time.monotonic()
         self.tasks: set[asyncio.Task[None]] = set()
+        self._flush_scheduled = False
 
     def now(self) -> float:
         return time.monotonic()
@@ -128,6 +130,15 @@ class _Session:
         if self.established.is_set() or self.tasks or self.link.role is CoreRole.INITIATOR:
             return DEAD_PEER_SECONDS  # authenticated, or waiting for our own KME
         return PRE_AUTH_IDLE_SECONDS
+
+    def schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        self.flush()
 
     def flush(self) -> None:
         out = self.conn.data_to_send()
@@ -331,12 +342,12 @@ class PeerLink:
                     s.conn.send_message(payload, s.now())
                 except LocalProtocolError as exc:
                     raise PeerUnavailable(f"cannot send: {exc}") from exc
-                s.flush()
-                s.wake.set()
-                try:
-                    await s.writer.drain()
-                except (ConnectionError, OSError) as exc:
-                    raise PeerUnavailable("peer link lost while sending") from exc
+                s.schedule_flush()  # records of this loop iteration go out in one write
+                if s.writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+                    try:
+                        await s.writer.drain()
+                    except (ConnectionError, OSError) as exc:
+                        raise PeerUnavailable("peer link lost while sending") from exc
                 return
             await asyncio.sleep(0.05)  # record budget exhausted: a rekey is under way
         raise PeerUnavailable("record budget exhausted and no rekey completed")
