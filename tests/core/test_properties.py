@@ -85,15 +85,22 @@ def _mutate(frame: bytes, how: int, rnd: random.Random) -> bytes:
     ),
     garbage=st.binary(max_size=64),
     start=st.booleans(),
+    resume=st.booleans(),
 )
 @settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 def test_state_machine_any_input_reaches_legal_state(
-    role: Role, picks: list[tuple[int, int, int]], garbage: bytes, start: bool
+    role: Role, picks: list[tuple[int, int, int]], garbage: bytes, start: bool, resume: bool
 ) -> None:
     auth = AUTHS[0] if role is Role.INITIATOR else AUTHS[1]
     peer = "site-b" if role is Role.INITIATOR else "site-a"
-    params = SessionParams(role, L.SuiteId(1), L.QkdPolicyId.OFF, peer_name=peer)
-    c = Connection(params, auth, PROVIDER, seeded_rng(3), Association())
+    policy = L.QkdPolicyId.REQUIRED if resume else L.QkdPolicyId.OFF
+    params = SessionParams(role, L.SuiteId(1), policy, peer_name=peer)
+    assoc = Association()
+    if resume:  # an association with a live chain: the connection resumes (waits for QKD keys)
+        p = Pair(auth="psk", auths=AUTHS, policy=policy)
+        p.handshake()
+        assoc = p.assoc_i if role is Role.INITIATOR else p.assoc_r
+    c = Connection(params, auth, PROVIDER, seeded_rng(3), assoc)
     now = 0.0
     if start and role is Role.INITIATOR:
         c.start(now)
