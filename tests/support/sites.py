@@ -305,7 +305,7 @@ class _Proc:
     log: Path
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class TwoSites:
     """Brokers, KME simulator and both gateways of a two-site setup (see module docstring).
 
@@ -577,6 +577,9 @@ class TwoSites:
                 b.stop()
         _open.discard(self)
 
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.root}>"
+
     def __enter__(self) -> TwoSites:
         return self
 
@@ -594,7 +597,7 @@ def _close_leftovers() -> None:
 # --- two hosts: network namespaces --------------------------------------------------------
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class NetnsSites(TwoSites):
     """Site A in namespace a, site B in namespace b (see the module docstring).
 
