@@ -347,3 +347,31 @@ def test_records_counter_counts_records(two_sites: SitesFactory) -> None:
     s.wait_metric("a", "qgw_records_total", lambda v: v >= 10, timeout=5, direction="sent")
     s.wait_metric("b", "qgw_records_total", lambda v: v >= 10, timeout=5, direction="sent")
     s.wait_metric("b", "qgw_records_total", lambda v: v >= 10, timeout=5, direction="received")
+
+
+def test_required_qkd_link_down_via_admin_then_up(two_sites: SitesFactory) -> None:
+    """The QKD link itself stops (KME admin: link down, pool flushed): the KMEs answer, but
+    have no keys. Under `required` the session outlives it only until its keys expire."""
+    interval = 2.0
+    s = two_sites(env={"QGW_REKEY__INTERVAL_SECONDS": str(interval)}).start()
+    t = tag()
+    sub = SeqCounter(s.client("b", f"sub-{t}"))
+    sub.client.subscribe(TOPIC, qos=1)
+    pub = s.client("a", f"pub-{t}")
+    state = s.kme_admin("A", up=False, flush=True)
+    assert state is not None
+    wait_until(
+        lambda: not s.established("a"),
+        3 * interval + 15,
+        "gateway A to close the session without fresh QKD keys",
+    )
+    assert s.metric("a", "qgw_qkd_alarm", reason="qkd_unavailable") == 1
+    assert s.metric("a", "qgw_kme_errors_total") >= 1
+    wait_all_published(publish_seq(pub, 0, 20))
+    time.sleep(3.0)
+    assert sub.distinct() == 0
+    s.kme_admin("A", up=True)
+    s.wait_established(timeout=30)
+    counts = sub.wait_distinct(20, timeout=30)
+    assert set(counts) == set(range(20))
+    s.wait_metric("a", "qgw_qkd_alarm", lambda v: v == 0, reason="qkd_unavailable")
