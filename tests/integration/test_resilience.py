@@ -142,7 +142,7 @@ def test_peer_down_messages_wait_at_the_broker(two_sites: SitesFactory) -> None:
     pub.publish(TOPIC, json.dumps({"seq": -1}), qos=1)  # the path works before the outage
     sub.wait_distinct(1, timeout=15)
     forwarded = {"direction": "out", "result": "forwarded"}
-    s.wait_metric("a", "qgw_messages_total", lambda v: v == 1, **forwarded)
+    s.wait_metric("a", "qgw_messages_total", lambda v: v == 1, 15.0, **forwarded)
 
     s.kill_gateway("b", signal.SIGKILL)
     s.wait_metric("a", "qgw_peer_connected", lambda v: v == 0)
