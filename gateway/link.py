@@ -15,6 +15,7 @@ that hears nothing for ``DEAD_PEER_SECONDS`` is closed and re-established.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -118,6 +119,7 @@ class _Session:
         self.last_rx = self.last_tx = time.monotonic()
         self.tasks: set[asyncio.Task[None]] = set()
         self._flush_scheduled = False
+        self._counted: collections.Counter[str] = collections.Counter()
 
     def now(self) -> float:
         return time.monotonic()
@@ -130,6 +132,18 @@ class _Session:
         if self.established.is_set() or self.tasks or self.link.role is CoreRole.INITIATOR:
             return DEAD_PEER_SECONDS  # authenticated, or waiting for our own KME
         return PRE_AUTH_IDLE_SECONDS
+
+    def _count_records(self) -> None:
+        """Move the core's record counters (records and plaintext bytes) into the metrics."""
+        st = self.conn.stats
+        for direction, rk, bk in (
+            ("sent", "records_sent", "bytes_sent"),
+            ("received", "records_received", "bytes_received"),
+        ):
+            n, b = st[rk] - self._counted[rk], st[bk] - self._counted[bk]
+            if n or b:
+                self.link.metrics.records(direction, n, b)
+                self._counted[rk], self._counted[bk] = st[rk], st[bk]
 
     def schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -145,7 +159,7 @@ class _Session:
         if out and not self.writer.is_closing():
             self.writer.write(out)
             self.last_tx = self.now()
-            self.link.metrics.records("sent", 0, len(out))
+        self._count_records()
 
     async def run(self) -> None:
         read_task: asyncio.Task[bytes] | None = None
@@ -179,8 +193,8 @@ class _Session:
                         self.link.status.last_close = "peer closed the TCP connection"
                         break
                     self.last_rx = now
-                    self.link.metrics.records("received", 0, len(data))
                     self.conn.receive_data(data, now)
+                    self._count_records()
                 t = self.conn.get_timer()
                 if t is not None and now >= t:
                     self.conn.handle_timer(now)

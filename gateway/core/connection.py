@@ -1034,6 +1034,7 @@ class Connection:
             self.stats["record_auth_failures"] += 1
             raise _Fail(L.Alert.RECORD_FAILURE, str(exc)) from exc
         self.stats["records_received"] += 1
+        self.stats["bytes_received"] += len(data)
         self._on_content(ctype, data, now)
 
     def _open(self, epoch: int, seq: int, ct: bytes, now: float) -> tuple[L.ContentType, bytes]:
