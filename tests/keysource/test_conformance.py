@@ -34,6 +34,12 @@ from tests.keysource.harness import (
 pytestmark = pytest.mark.timeout(60)
 
 
+# The static source has no QKD link; only the ETSI 014 client talks TLS. Those tests run
+# against the implementations they apply to (not generated, rather than skipped, for the rest).
+WITH_LINK = pytest.mark.parametrize("h", ["simulator", "etsi014"], indirect=True)
+OVER_TLS = pytest.mark.parametrize("h", ["etsi014"], indirect=True)
+
+
 @pytest.fixture(params=["static", "simulator", "etsi014"])
 async def h(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
     if request.param == "static":
@@ -107,9 +113,9 @@ async def test_16_concurrent_requests_never_share_a_key(h: Harness) -> None:
     assert [raw(g[0]) for g in got] == [raw(k) for k in keys]
 
 
+@WITH_LINK
 async def test_exhaustion_then_recovery_as_the_link_refills(h: Harness) -> None:
-    if not h.has_link:
-        pytest.skip("the static source has no link and never runs dry")
+    assert h.has_link
     got = await drain(h.master, "sae-b")
     assert len(got) == LINK["initial_keys"]
     assert (await h.master.status("sae-b")).stored_key_count == 0
@@ -145,9 +151,9 @@ async def test_unknown_or_malformed_id_is_not_found(h: Harness) -> None:
     assert raw((await h.slave.dec_keys("sae-a", [sent[0].key_id]))[0]) == raw(sent[0])
 
 
+@WITH_LINK
 async def test_eavesdropper_on_no_new_keys_off_keys_again(h: Harness) -> None:
-    if not h.has_link:
-        pytest.skip("the static source has no link")
+    assert h.has_link
     await h.set_link(eavesdropper=True)
     st = await h.master.status("sae-b")
     assert st.status_extension is not None
@@ -162,9 +168,9 @@ async def test_eavesdropper_on_no_new_keys_off_keys_again(h: Harness) -> None:
     assert len(await h.master.enc_keys("sae-b", number=KEYS_PER_SECOND)) == KEYS_PER_SECOND
 
 
+@WITH_LINK
 async def test_link_down_no_new_keys(h: Harness) -> None:
-    if not h.has_link:
-        pytest.skip("the static source has no link")
+    assert h.has_link
     await h.set_link(up=False, flush=True)
     h.advance(60.0)
     with pytest.raises(KeyExhausted):
@@ -232,9 +238,10 @@ async def test_no_key_bytes_in_any_log(h: Harness, caplog: pytest.LogCaptureFixt
             assert form not in text
 
 
+@OVER_TLS
 async def test_tls_client_without_certificate_is_refused(h: Harness) -> None:
-    if h.setup is None or h.runner is None or not h.runner.endpoints:
-        pytest.skip("only the ETSI 014 client talks TLS")
+    assert h.setup is not None
+    assert h.runner is not None
     served = h.runner.nodes["A"].keys_served
     ctx = ssl.create_default_context(cafile=str(h.setup.ca))  # trusts the KME, no client cert
     with pytest.raises(KmeUnavailable):
@@ -242,9 +249,10 @@ async def test_tls_client_without_certificate_is_refused(h: Harness) -> None:
     assert h.runner.nodes["A"].keys_served == served
 
 
+@OVER_TLS
 async def test_tls_client_with_wrongly_signed_certificate_is_refused(h: Harness) -> None:
-    if h.setup is None or h.runner is None or not h.runner.endpoints:
-        pytest.skip("only the ETSI 014 client talks TLS")
+    assert h.setup is not None
+    assert h.runner is not None
     served = h.runner.nodes["A"].keys_served
     ctx = ssl.create_default_context(cafile=str(h.setup.ca))
     ctx.load_cert_chain(h.setup.pki("rogue-sae-a.crt"), h.setup.pki("rogue-sae-a.key"))
@@ -253,9 +261,10 @@ async def test_tls_client_with_wrongly_signed_certificate_is_refused(h: Harness)
     assert h.runner.nodes["A"].keys_served == served
 
 
+@OVER_TLS
 async def test_tls_kme_not_signed_by_pinned_ca_is_refused_without_retry(h: Harness) -> None:
-    if h.setup is None or h.runner is None or not h.runner.endpoints:
-        pytest.skip("only the ETSI 014 client talks TLS")
+    assert h.setup is not None
+    assert h.runner is not None
     cert, key = h.setup.sae("sae-a")
     ctx = ssl.create_default_context(cafile=str(h.setup.pki("rogue-ca.crt")))
     ctx.load_cert_chain(cert, key)
@@ -265,9 +274,10 @@ async def test_tls_kme_not_signed_by_pinned_ca_is_refused_without_retry(h: Harne
     assert c.counters.attempts == 1
 
 
+@OVER_TLS
 async def test_tls_valid_certificate_of_an_sae_not_attached_here_is_401(h: Harness) -> None:
-    if h.setup is None or h.runner is None or not h.runner.endpoints:
-        pytest.skip("only the ETSI 014 client talks TLS")
+    assert h.setup is not None
+    assert h.runner is not None
     from keysource.tls import client_context
 
     cert, key = h.setup.sae("sae-b")  # sae-b belongs to KME B, not KME A
