@@ -72,8 +72,9 @@ def _sum(m: dict[str, float], prefix: str, must: str = "") -> float:
 
 
 class Demo:
-    def __init__(self, root: Path, duration: float | None, rate: int) -> None:
+    def __init__(self, root: Path, duration: float | None, rate: int, keep: bool = True) -> None:
         self.root = root
+        self.keep = keep
         self.duration = duration
         self.rate = rate
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
@@ -273,7 +274,9 @@ class Demo:
         print(
             f"  QKD keys consumed   {keys_a} at A (enc_keys) + {keys_b} at B (dec_keys), {bits} bits in all"
         )
-        print(f"  logs                {self.root}")
+        print(
+            f"  logs                {self.root if self.keep else '(removed at exit; --keep keeps them)'}"
+        )
         return 0 if lost == 0 and delivered > 0 else 1
 
     def close(self) -> None:
@@ -294,7 +297,7 @@ class Demo:
 def cmd_demo(args: argparse.Namespace) -> int:
     own = args.dir is None
     root = Path(tempfile.mkdtemp(prefix="qgw-demo-")) if own else Path(args.dir)
-    demo = Demo(root, args.duration, args.rate)
+    demo = Demo(root, args.duration, args.rate, keep=args.keep or not own)
     try:
         return demo.run()
     finally:
