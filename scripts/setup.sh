@@ -28,7 +28,7 @@ stamp=.venv/.qgw-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "setup: installing qgw[dev] into .venv" >&2
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-    if ! .venv/bin/python -m pip install -q -e ".[dev]" >.venv/pip-install.log 2>&1; then
+    if ! .venv/bin/python -m pip install -q -e ".[dev,oqs]" >.venv/pip-install.log 2>&1; then
         cat .venv/pip-install.log >&2
         exit 1
     fi

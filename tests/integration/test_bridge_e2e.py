@@ -215,3 +215,65 @@ def test_both_on_both_sides_does_not_loop(sites: TwoSites, prefix: str) -> None:
             for src in ("a", "b")
         }
         assert by_src == {"a": list(range(N)), "b": list(range(N))}
+
+
+@pytest.mark.parametrize("size", [200 * 1024, 1 << 20])
+def test_large_payloads_cross_over_several_records(sites: TwoSites, size: int) -> None:
+    """Payloads up to mqtt.max_payload_bytes (default 1 MiB) are fragmented over records
+    (60 KiB each) and reassembled byte for byte; one byte more is dropped and counted."""
+    t = uid()
+    sub = sites.client("b", f"sub-{t}")
+    sub.subscribe(f"b-in/up/big/{t}", qos=1)
+    pub = sites.client("a", f"pub-{t}")
+    body = (t.encode() + bytes(range(256)) * (size // 256 + 1))[:size]
+    pub.publish(f"a-out/up/big/{t}", body, qos=1)
+    (m,) = sub.wait_for(1, timeout=30)
+    assert len(m.payload) == size
+    assert m.payload == body
+
+
+def test_oversize_payload_is_dropped_and_counted(sites: TwoSites) -> None:
+    t = uid()
+    before = (
+        sites.metric(
+            "a", "qgw_messages_dropped_total", rule="0", direction="out", reason="oversize"
+        )
+        or 0.0
+    )
+    sub = sites.client("b", f"sub-{t}")
+    sub.subscribe(f"b-in/up/huge/{t}", qos=1)
+    pub = sites.client("a", f"pub-{t}")
+    pub.publish(f"a-out/up/huge/{t}", b"x" * ((1 << 20) + 1), qos=1)
+    pub.publish(f"a-out/up/huge/{t}", b"small " + t.encode(), qos=1)
+    (m,) = sub.wait_for(1, timeout=15)
+    assert m.payload == b"small " + t.encode()  # the oversize one never arrives
+    sites.wait_metric(
+        "a",
+        "qgw_messages_dropped_total",
+        lambda v: v == before + 1,
+        timeout=10,
+        rule="0",
+        direction="out",
+        reason="oversize",
+    )
+
+
+def test_no_secret_in_any_log(sites: TwoSites) -> None:
+    """The PSK and every private key of the setup appear in no process log (gateways, KME,
+    brokers), in hex, base64 or PEM body form. Runs last in this module, after all the traffic."""
+    import base64
+
+    secrets: list[bytes] = [(sites.root / "psk").read_bytes()]
+    for key_file in sorted(sites.root.rglob("*.key")):
+        pem = key_file.read_text()
+        body = "".join(line for line in pem.splitlines() if "-----" not in line)
+        secrets.append(base64.b64decode(body))
+    forms = set()
+    for sec in secrets:
+        forms |= {sec.hex(), base64.b64encode(sec).decode()[:40], sec.hex()[:32]}
+    logs = sorted(sites.root.rglob("*.log"))
+    assert logs, "no logs found"
+    text = "\n".join(p.read_text(errors="replace") for p in logs)
+    assert "session bootstrap with site-b" in text  # the logs are the real ones
+    leaked = [f for f in forms if f in text]
+    assert leaked == []
