@@ -246,6 +246,13 @@ class Rule(Section):
     qos: Literal[0, 1] = Field(1, description="QoS used on both brokers for this rule.")
     local_prefix: str = Field("", description="Prefix of the topic on the local broker.")
     remote_prefix: str = Field("", description="Prefix of the topic on the peer's broker.")
+    share_group: str = Field(
+        "",
+        pattern=r"^[A-Za-z0-9_-]{0,64}$",
+        description="If set, subscribe as the MQTT v5 shared subscription "
+        "'$share/<group>/<local_prefix><pattern>' so that several gateway pairs split the "
+        "messages (horizontal scale-out, docs/scaling.md).",
+    )
 
     @field_validator("pattern")
     @classmethod

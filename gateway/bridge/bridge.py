@@ -14,12 +14,12 @@ Inbound (peer -> local broker), :meth:`Bridge.deliver`: the first ``in``/``both`
 origin marker ``qgw-origin`` is added. Returns after the local broker's PUBACK.
 
 Loop prevention: No Local on our subscriptions (our own republished messages never come
-back to us) and the origin marker: a message carrying ``qgw-origin = <our site>`` is never
-forwarded, and :meth:`deliver` drops a message whose origin is our own site. The marker is
-*kept* on the far broker (applications there see one extra user property ``qgw-origin``)
-and *stripped* from :attr:`BridgeMessage.properties` when taken from a broker: it travels
-in :attr:`BridgeMessage.origin` instead, which keeps the first site's name across several
-gateway pairs.
+back to us; not allowed on shared subscriptions) and the origin marker: a message carrying
+any ``qgw-origin`` entered through a gateway already and is never forwarded again (two
+sites, no second hop), and :meth:`deliver` drops a message whose origin is our own site. The
+marker is *kept* on the far broker (applications there see one extra user property
+``qgw-origin``) and *stripped* from :attr:`BridgeMessage.properties` when taken from a
+broker: it travels in :attr:`BridgeMessage.origin` instead.
 """
 
 from __future__ import annotations
@@ -149,7 +149,10 @@ class Bridge:
         for i in self._out_rules:
             r = self.settings.rules[i]
             topic_filter = r.local_prefix + r.pattern
-            # No Local is a protocol error on shared subscriptions (MQTT 5 3.8.3.1).
+            if r.share_group:  # several gateway pairs split the messages (docs/scaling.md)
+                topic_filter = f"$share/{r.share_group}/{topic_filter}"
+            # No Local is a protocol error on shared subscriptions (MQTT 5 3.8.3.1); the
+            # origin marker prevents loops there.
             shared = topic_filter.startswith("$share/")
             subs.append(Subscription(topic_filter, r.qos, not shared, i + 1))
         return subs
@@ -221,12 +224,13 @@ class Bridge:
             self._ack(msg)
             return
         markers = [v for k, v in msg.properties.user_properties if k == ORIGIN_PROPERTY]
-        if self.site_id in markers:
+        if markers:
+            # It entered through a qgw gateway already (ours, or another pair at this site on
+            # a shared subscription, where No Local cannot help): two sites, no second hop.
             rc.dropped[DROP_LOOP] += 1
             self._ack(msg)
             return
-        # The first marker names the site where the message entered; keep it across hops.
-        origin = markers[0] if markers else self.site_id
+        origin = self.site_id
         users = [kv for kv in msg.properties.user_properties if kv[0] != ORIGIN_PROPERTY]
         if msg.qos == 0 and self._pending >= self.settings.inflight:
             rc.dropped[DROP_QOS0_OVERFLOW] += 1

@@ -251,3 +251,39 @@ async def test_deliver_raises_when_broker_down(mosquitto: Any) -> None:
         await b.deliver(BridgeMessage("a", b"1", 1, False, MessageProps(), "site-a"))
     assert b.counters.deliver_failures == 1
     await b.stop(timeout=1)
+
+
+async def test_message_marked_by_any_gateway_is_not_forwarded_again(
+    make_pair: Any, probes: Any
+) -> None:
+    """Two sites, no second hop: a message that entered through another gateway (here a sibling
+    pair's, marked with the peer site) is not sent back."""
+    p = await make_pair(
+        [{"pattern": "t/#", "direction": "both"}], [{"pattern": "t/#", "direction": "both"}]
+    )
+    props = publish_props()
+    props.UserProperty = [(ORIGIN_PROPERTY, "site-b")]
+    probes(p.a_broker, "app-a").publish("t/x", b"from a sibling", props=props)
+    await eventually(lambda: p.a.counters.rules[0].dropped[DROP_LOOP] == 1, what="loop drop")
+    assert p.a_link.forwarded == []
+
+
+def test_share_group_makes_a_shared_subscription() -> None:
+    from gateway.bridge.bridge import Bridge
+    from gateway.config import MqttSection
+
+    class Nothing:
+        async def forward(self, msg: Any) -> None:
+            raise AssertionError
+
+    mqtt = MqttSection(
+        rules=[
+            {"pattern": "s/#", "direction": "out", "local_prefix": "p/", "share_group": "qgw"},
+            {"pattern": "u/#", "direction": "both"},
+        ]
+    )
+    subs = Bridge(mqtt, "site-a", Nothing()).subscriptions()
+    assert [(s.topic_filter, s.no_local) for s in subs] == [
+        ("$share/qgw/p/s/#", False),
+        ("u/#", True),
+    ]
