@@ -42,7 +42,13 @@ from gateway.core.connection import (
 )
 from gateway.core.connection import Role as CoreRole
 from gateway.crypto import Provider
-from gateway.errors import GatewayError, KeySourceError, LocalProtocolError, PeerUnavailable
+from gateway.errors import (
+    GatewayError,
+    KeySourceError,
+    LocalProtocolError,
+    PeerRejected,
+    PeerUnavailable,
+)
 from gateway.metrics import Metrics, kme_error_kind
 from keysource.base import KeySource
 
@@ -239,7 +245,7 @@ class _Session:
                 link._on_rekey(self, ev)
             elif isinstance(ev, MessageReceived):
                 if ev.data:
-                    await link._deliver(ev.data)
+                    await link._deliver(ev.data, self)
             elif isinstance(ev, Alarm):
                 link._on_alarm(ev)
             elif isinstance(ev, Closed):
@@ -300,7 +306,7 @@ class PeerLink:
         provider: Provider,
         keysource: KeySource | None,
         metrics: Metrics,
-        on_message: Callable[[bytes], Awaitable[None]],
+        on_message: Callable[[bytes, object], Awaitable[None]],
         on_down: Callable[[], None] | None = None,
         rng: Callable[[int], bytes] = os.urandom,
     ) -> None:
@@ -345,10 +351,17 @@ class PeerLink:
             return False
         return True
 
-    async def send(self, payload: bytes) -> None:
-        """Protect and send one application payload; raise PeerUnavailable if the link is down."""
+    async def send(self, payload: bytes, via: object | None = None) -> None:
+        """Protect and send one application payload; raise PeerUnavailable if the link is down.
+
+        ``via``: the connection token handed to ``on_message``; the payload then goes out on
+        that connection only (an answer must not travel on a newer connection)."""
+        if len(payload) > session_params(self.settings, self.role).max_message_bytes:
+            raise PeerRejected("message too large for the record layer")
         for _ in range(100):
             s = self._current
+            if via is not None and s is not via:
+                raise PeerUnavailable("the connection this answers has gone")
             if s is None or s.conn.state is not State.ESTABLISHED:
                 raise PeerUnavailable("peer link is down")
             if s.conn.can_send():
@@ -603,9 +616,9 @@ class PeerLink:
         level = logging.INFO if ev.alert is L.Alert.CLOSE_NOTIFY else logging.WARNING
         log.log(level, "connection closed: %s", st.last_close)
 
-    async def _deliver(self, data: bytes) -> None:
+    async def _deliver(self, data: bytes, via: _Session) -> None:
         try:
-            await self.on_message(data)
+            await self.on_message(data, via)
         except GatewayError as exc:
             log.warning("peer message not handled: %s", exc)
         except Exception:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import secrets
 import struct
 from collections.abc import Awaitable, Callable
 
@@ -26,6 +27,7 @@ from gateway.errors import (
     BrokerRejected,
     DecodeError,
     GatewayError,
+    LocalProtocolError,
     PeerRejected,
     PeerUnavailable,
 )
@@ -46,16 +48,20 @@ class SecureTransport:
 
     def __init__(
         self,
-        send: Callable[[bytes], Awaitable[None]],
+        send: Callable[[bytes, object | None], Awaitable[None]],
         timeout: float = FORWARD_TIMEOUT_SECONDS,
     ) -> None:
         self._send = send
         self._timeout = timeout
-        self._ids = itertools.count(1)
+        # Ids start at a random point per process, and every ACK travels on the connection
+        # its PUB came on, so an ACK from before a restart can never answer a newer message.
+        self._ids = itertools.count(secrets.randbits(62))
         self._pending: dict[int, asyncio.Future[int]] = {}
         self._deliver: Callable[[BridgeMessage], Awaitable[None]] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(MAX_CONCURRENT_DELIVERIES)
+        self._busy = 0
+        self.busy_refusals = 0
+        self.delivery_failures = 0
         self.decode_errors = 0
         self.unknown_acks = 0
 
@@ -70,7 +76,11 @@ class SecureTransport:
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._pending[mid] = fut
         try:
-            await self._send(struct.pack(">BQ", PUB, mid) + encode(msg))
+            try:
+                data = struct.pack(">BQ", PUB, mid) + encode(msg)
+            except LocalProtocolError as exc:  # cannot be carried, now or ever
+                raise PeerRejected(f"message cannot be encoded: {exc}") from exc
+            await self._send(data, None)
             try:
                 status = await asyncio.wait_for(fut, self._timeout)
             except TimeoutError as exc:
@@ -95,8 +105,9 @@ class SecureTransport:
 
     # --- inbound ---
 
-    async def on_payload(self, data: bytes) -> None:
-        """Handle one payload from the peer (called in order by the link)."""
+    async def on_payload(self, data: bytes, via: object = None) -> None:
+        """Handle one payload from the peer (called in order by the link; ``via`` names the
+        connection it came on, and its ACK goes back on that connection only)."""
         if len(data) < 9:
             self.decode_errors += 1
             log.debug("short payload from peer (%d bytes) dropped", len(data))
@@ -121,16 +132,22 @@ class SecureTransport:
         except DecodeError as exc:
             self.decode_errors += 1
             log.warning("undecodable message from peer refused: %s", exc)
-            await self._ack(mid, ACK_REJECTED)
+            await self._ack(mid, ACK_REJECTED, via)
+            return
+        if self._busy >= MAX_CONCURRENT_DELIVERIES:
+            # Never wait here: this runs in the link's read loop (ACKs, keepalives, rekeys
+            # behind it). The peer keeps the message and tries again.
+            self.busy_refusals += 1
+            await self._ack(mid, ACK_UNAVAILABLE, via)
             return
         # Start the delivery now, in arrival order; the broker publish is issued before the
         # task first yields, so the order of messages on the local broker is kept.
-        await self._slots.acquire()
-        task = asyncio.ensure_future(self._deliver_and_ack(mid, msg))
+        self._busy += 1
+        task = asyncio.ensure_future(self._deliver_and_ack(mid, msg, via))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _deliver_and_ack(self, mid: int, msg: BridgeMessage) -> None:
+    async def _deliver_and_ack(self, mid: int, msg: BridgeMessage, via: object) -> None:
         try:
             if self._deliver is None:
                 status = ACK_UNAVAILABLE
@@ -140,15 +157,16 @@ class SecureTransport:
         except (PeerRejected, BrokerRejected):
             status = ACK_REJECTED
         except GatewayError as exc:
-            log.info("delivery to the local broker failed: %s", exc)
+            log.debug("delivery to the local broker failed: %s", exc)
+            self.delivery_failures += 1
             status = ACK_UNAVAILABLE
         finally:
-            self._slots.release()
-        await self._ack(mid, status)
+            self._busy -= 1
+        await self._ack(mid, status, via)
 
-    async def _ack(self, mid: int, status: int) -> None:
+    async def _ack(self, mid: int, status: int, via: object) -> None:
         with contextlib.suppress(GatewayError):
-            await self._send(struct.pack(">BQB", ACK, mid, status))
+            await self._send(struct.pack(">BQB", ACK, mid, status), via)
 
     async def aclose(self) -> None:
         for t in list(self._tasks):

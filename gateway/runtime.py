@@ -70,13 +70,13 @@ class Gateway:
         self._seen: dict[tuple[str, str, str, str], int] = {}
         self._seen_records: Counter[str] = Counter()
 
-    async def _send(self, payload: bytes) -> None:
-        await self.link.send(payload)
+    async def _send(self, payload: bytes, via: object | None) -> None:
+        await self.link.send(payload, via)
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
         if s.metrics.listen:
-            self.http = await start_http(s.metrics.listen, self.metrics, self.link.readiness)
+            self.http = await start_http(s.metrics.listen, self.metrics, self.readiness)
             log.info("metrics and health on http://%s:%d/", self.http.host, self.http.port)
         link_task = asyncio.ensure_future(self._supervise_link(stop))
         sync_task = asyncio.ensure_future(self._sync_metrics_forever())
@@ -100,6 +100,13 @@ class Gateway:
             if self.keysource is not None:
                 await self.keysource.aclose()
             log.info("stopped")
+
+    def readiness(self) -> tuple[bool, str]:
+        """Ready: a fresh session with the peer AND a connection to the local broker."""
+        ok, why = self.link.readiness()
+        if ok and not self.bridge.connected:
+            return False, "not connected to the local broker"
+        return ok, why
 
     async def _supervise_link(self, stop: asyncio.Event) -> None:
         """Run the peer link; if it ever fails (a bug), log it and start it again."""
@@ -125,6 +132,10 @@ class Gateway:
                     exc,
                     delay,
                 )
+                await asyncio.sleep(delay)
+                delay = min(BROKER_RETRY_MAX_SECONDS, delay * 2)
+            except Exception:
+                log.exception("starting the MQTT bridge failed; retry in %.1f s", delay)
                 await asyncio.sleep(delay)
                 delay = min(BROKER_RETRY_MAX_SECONDS, delay * 2)
             else:

@@ -78,6 +78,7 @@ class RuleCounters:
     dropped: Counter[str] = field(default_factory=Counter)  # reason -> messages
     inflight: int = 0  # forwarded but not yet acknowledged by the peer (gauge)
     forward_retries: int = 0
+    stale_retries: int = 0  # retries abandoned because the broker redelivers the message
 
 
 @dataclass
@@ -276,6 +277,9 @@ class Bridge:
     async def _forward_until_done(self, rc: RuleCounters, msg: Incoming, bm: BridgeMessage) -> None:
         delay = RETRY_MIN_SECONDS
         while True:
+            if msg.qos and not self._client.is_current(msg):
+                rc.stale_retries += 1  # redelivered on the new broker connection: stop here
+                return
             try:
                 await self._transport.forward(bm)
             except PeerRejected as exc:
@@ -299,6 +303,8 @@ class Bridge:
                 return
             if self._stopping.is_set():
                 return  # unacked: the broker redelivers it after restart
+            # (at the top of the loop: a copy whose broker connection is gone stops, since the
+            # broker redelivers it on the new one; memory and duplicates stay within a window)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
             delay = min(delay * 2, RETRY_MAX_SECONDS)

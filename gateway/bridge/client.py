@@ -48,7 +48,10 @@ log = logging.getLogger("qgw.bridge.client")
 SESSION_EXPIRY_SECONDS = 7 * 24 * 3600  # the broker keeps our queue for a week of outage
 KEEPALIVE_SECONDS = 30
 CONNECT_TIMEOUT_SECONDS = 10.0
-PUBLISH_TIMEOUT_SECONDS = 30.0
+PUBLISH_TIMEOUT_SECONDS = 20.0  # below the peer's forward timeout (30 s): one delivery per attempt
+# PUBACK reason codes that retrying cannot fix (MQTT 5 3.4.2.1): not authorized, topic name
+# invalid, payload format invalid. Anything else >= 0x80 is treated as "not now".
+PERMANENT_REFUSALS = frozenset({0x87, 0x90, 0x99})
 RECONNECT_MIN_SECONDS = 1
 RECONNECT_MAX_SECONDS = 30
 
@@ -94,6 +97,10 @@ class BrokerClient(Protocol):
 
     def pause(self) -> None:
         """Stop handing new messages to ``on_message`` (they stay unacked at the broker)."""
+        ...
+
+    def is_current(self, msg: Incoming) -> bool:
+        """False once the connection the message arrived on is gone."""
         ...
 
     def ack(self, msg: Incoming) -> bool:
@@ -323,8 +330,10 @@ class PahoBrokerClient:
         fut = self._publishes.pop(mid, None)
         if fut is None or fut.done():
             return
-        if rc >= 0x80:
+        if rc in PERMANENT_REFUSALS:
             fut.set_exception(BrokerRejected(f"broker refused the publish: {text}", rc))
+        elif rc >= 0x80:  # may pass (quota, unspecified, packet id in use): try again later
+            fut.set_exception(BrokerUnavailable(f"broker did not take the publish now: {text}"))
         else:
             fut.set_result(None)
 
@@ -372,6 +381,10 @@ class PahoBrokerClient:
 
     def pause(self) -> None:
         self._paused.set()
+
+    def is_current(self, msg: Incoming) -> bool:
+        """False once the connection the message came on is gone (the broker redelivers it)."""
+        return msg.token[0] == self._generation and self._connected
 
     def ack(self, msg: Incoming) -> bool:
         if msg.qos == 0:

@@ -287,3 +287,54 @@ def test_share_group_makes_a_shared_subscription() -> None:
         ("$share/qgw/p/s/#", False),
         ("u/#", True),
     ]
+
+
+async def test_broker_reconnects_during_an_outage_keep_one_window(mosquitto: Any) -> None:
+    """Review H1: each reconnect to the local broker redelivers the unacked window; the old
+    copies must stop retrying, so tasks, memory and duplicates stay within one window."""
+    import socket
+
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from gateway.bridge.bridge import Bridge
+    from gateway.errors import PeerUnavailable
+
+    class Down:
+        def __init__(self) -> None:
+            self.down = True
+            self.sent: list[bytes] = []
+
+        async def forward(self, m: BridgeMessage) -> None:
+            if self.down:
+                raise PeerUnavailable("down")
+            self.sent.append(m.payload)
+
+    t = Down()
+    b = Bridge(
+        mqtt_settings(mosquitto, "qgw-a", [{"pattern": "t/#", "direction": "out"}], inflight=8),
+        "site-a",
+        t,
+    )
+    await b.start()
+    pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="app", protocol=paho.MQTTv5)
+    pub.connect("127.0.0.1", mosquitto.port)
+    pub.loop_start()
+    try:
+        for i in range(8):
+            pub.publish("t/x", str(i).encode(), 1).wait_for_publish(5)
+        await eventually(lambda: b.counters.inflight == 8, what="window full")
+        for _ in range(3):
+            b._client._client.socket().shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]
+            await eventually(lambda: not b.connected, what="disconnect")
+            await eventually(lambda: b.connected, what="reconnect")
+            await asyncio.sleep(0.5)
+            assert len(b._tasks) <= 8
+        t.down = False
+        await eventually(lambda: len(t.sent) >= 8 and b.counters.inflight == 0, what="drained")
+        await asyncio.sleep(0.5)
+        assert sorted(t.sent) == sorted(str(i).encode() for i in range(8))  # no duplicates
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+        await b.stop(timeout=1)
