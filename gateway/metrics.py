@@ -62,6 +62,7 @@ from gateway.errors import (
 
 __all__ = [
     "ALARMS",
+    "BRIDGE_EVENTS",
     "CONTENT_TYPE",
     "DIRECTIONS",
     "KME_ERROR_KINDS",
@@ -98,6 +99,15 @@ HANDSHAKE_RESULTS = ("ok", "failed")
 REKEY_RESULTS = ("ok", "failed")
 #: Alarms the runtime is expected to raise (others are accepted, bounded).
 ALARMS = ("qkd_unavailable", "qkd_mode_downgrade", "kme_unreachable")
+BRIDGE_EVENTS = (
+    "forward_retry",
+    "stale_retry",
+    "stale_ack",
+    "deliver_failure",
+    "busy_refusal",
+    "decode_error",
+    "internal_error",
+)
 
 # KME latency buckets (seconds): a local KME answers in milliseconds; timeouts are seconds.
 _KME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -293,6 +303,17 @@ class Metrics:
             registry=r,
         )
 
+        self._events = Counter(
+            "qgw_bridge_events",
+            "Delivery events worth watching during an outage: forward_retry, stale_retry "
+            "(copy dropped, the broker redelivers), stale_ack, deliver_failure, busy_refusal, "
+            "decode_error, internal_error.",
+            ["event"],
+            registry=r,
+        )
+        for ev in BRIDGE_EVENTS:
+            self._events.labels(event=ev).inc(0)
+
         # -- record layer ----------------------------------------------------------------
         self._auth_failures = Counter(
             "qgw_record_auth_failures",
@@ -454,6 +475,11 @@ class Metrics:
             self._inflight_limit.set(limit)
 
     # -- record layer --------------------------------------------------------------------
+
+    def bridge_event(self, event: str, count: int = 1) -> None:
+        """Count ``count`` bridge events (see BRIDGE_EVENTS; anything else counts as other)."""
+        if count > 0:
+            self._events.labels(event=event if event in BRIDGE_EVENTS else "other").inc(count)
 
     def record_auth_failure(self) -> None:
         self._auth_failures.inc()

@@ -68,7 +68,7 @@ class Gateway:
         )
         self.http: HttpServer | None = None
         self._seen: dict[tuple[str, str, str, str], int] = {}
-        self._seen_records: Counter[str] = Counter()
+        self._seen_events: Counter[str] = Counter()
 
     async def _send(self, payload: bytes, via: object | None) -> None:
         await self.link.send(payload, via)
@@ -164,6 +164,19 @@ class Gateway:
             for reason, n in rc.dropped.items():
                 self._bump((rule, "out", "dropped", reason), n)
         self.metrics.set_inflight(c.inflight, self.settings.mqtt.inflight)
+        t = self.transport
+        events = {
+            "forward_retry": sum(r.forward_retries for r in c.rules),
+            "stale_retry": sum(r.stale_retries for r in c.rules),
+            "stale_ack": c.stale_acks,
+            "deliver_failure": c.deliver_failures + t.delivery_failures,
+            "busy_refusal": t.busy_refusals,
+            "decode_error": t.decode_errors,
+            "internal_error": self.link.internal_errors,
+        }
+        for name, total in events.items():
+            self.metrics.bridge_event(name, total - self._seen_events[name])
+            self._seen_events[name] = total
         for reason, n in c.dropped.items():
             self._bump(("-", "in", "dropped", reason), n)
 

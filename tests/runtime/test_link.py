@@ -38,7 +38,7 @@ class Site:
         )
         self.task: asyncio.Task[None] | None = None
 
-    async def _got(self, data: bytes) -> None:
+    async def _got(self, data: bytes, via: object = None) -> None:
         self.got.append(data)
 
     def _down(self) -> None:
