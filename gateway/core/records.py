@@ -23,8 +23,8 @@ def record_header(epoch: int, seq: int, ciphertext_len: int) -> bytes:
     return struct.pack(">IBIQ", length, FrameType.RECORD, epoch, seq)
 
 
-class SendState:
-    """Sealing state of one direction in one epoch."""
+class _DirectionState:
+    """Key, IV, sequence and budget of one direction in one epoch."""
 
     __slots__ = ("_aead", "_iv", "bytes", "epoch", "max_bytes", "max_records", "seq")
 
@@ -36,6 +36,19 @@ class SendState:
         self.bytes = 0
         self.max_records = max_records
         self.max_bytes = max_bytes
+
+    def wipe(self) -> None:
+        self._aead.wipe()
+        self._iv = b""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(epoch={self.epoch}, seq={self.seq}, key=<secret>)"
+
+
+class SendState(_DirectionState):
+    """Sealing state of one direction in one epoch."""
+
+    __slots__ = ()
 
     def room(self, plaintext_len: int) -> bool:
         return self.seq < self.max_records and self.bytes + plaintext_len <= self.max_bytes
@@ -51,27 +64,11 @@ class SendState:
         self.bytes += len(data)
         return header + ct
 
-    def wipe(self) -> None:
-        self._aead.wipe()
-        self._iv = b""
 
-    def __repr__(self) -> str:
-        return f"SendState(epoch={self.epoch}, seq={self.seq}, key=<secret>)"
-
-
-class RecvState:
+class RecvState(_DirectionState):
     """Opening state of one direction in one epoch."""
 
-    __slots__ = ("_aead", "_iv", "bytes", "epoch", "max_bytes", "max_records", "seq")
-
-    def __init__(self, epoch: int, key: bytes, iv: bytes, max_records: int, max_bytes: int) -> None:
-        self.epoch = epoch
-        self._aead = Aead(key)
-        self._iv = iv
-        self.seq = 0
-        self.bytes = 0
-        self.max_records = max_records
-        self.max_bytes = max_bytes
+    __slots__ = ()
 
     def open(self, seq: int, ciphertext: bytes) -> tuple[ContentType, bytes]:
         """REC2: open the next record; any failure is fatal to the session."""
@@ -92,13 +89,6 @@ class RecvState:
         if self.bytes > self.max_bytes:
             raise AuthenticationError("peer exceeded the byte budget of this epoch")
         return ctype, plaintext[1:]
-
-    def wipe(self) -> None:
-        self._aead.wipe()
-        self._iv = b""
-
-    def __repr__(self) -> str:
-        return f"RecvState(epoch={self.epoch}, seq={self.seq}, key=<secret>)"
 
 
 RECORD_OVERHEAD = RECORD_HEADER_LEN + 1 + AEAD_TAG_LEN

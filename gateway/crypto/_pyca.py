@@ -30,32 +30,35 @@ _SIG: dict[SigAlg, tuple[Any, Any]] = {
 }
 
 
-class _PycaKemKey:
-    __slots__ = ("_key", "alg")
+class _PycaKey:
+    """A pyca private key object; prints as <secret>."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, key: Any) -> None:
+        self._key = key
+
+    def public_bytes(self) -> bytes:
+        return bytes(self._key.public_key().public_bytes_raw())
+
+    def __repr__(self) -> str:
+        return "<secret>"
+
+
+class _PycaKemKey(_PycaKey):
+    __slots__ = ("alg",)
 
     def __init__(self, alg: KemAlg, key: Any) -> None:
+        super().__init__(key)
         self.alg = alg
-        self._key = key
-
-    def public_bytes(self) -> bytes:
-        return bytes(self._key.public_key().public_bytes_raw())
-
-    def __repr__(self) -> str:
-        return "<secret>"
 
 
-class _PycaSigKey:
-    __slots__ = ("_key", "alg")
+class _PycaSigKey(_PycaKey):
+    __slots__ = ("alg",)
 
     def __init__(self, alg: SigAlg, key: Any) -> None:
+        super().__init__(key)
         self.alg = alg
-        self._key = key
-
-    def public_bytes(self) -> bytes:
-        return bytes(self._key.public_key().public_bytes_raw())
-
-    def __repr__(self) -> str:
-        return "<secret>"
 
 
 class PycaProvider:
