@@ -880,10 +880,8 @@ class Connection:
             assert a.next is not None
             a.set_chain(a.next[0], a.next[1])
             a.updated_at = now
-            if self._promote_if_pending():
-                self.epoch_started = now
-                self.stats["rekeys"] += 1
-                self._events.append(RekeyComplete(self.epoch, self._qkd_used, self.transcript_hash))
+            if self._promote_if_pending(now):
+                self._rekey_complete()
         if m.qkd_offered and self.params.qkd_policy is L.QkdPolicyId.OFF:
             raise _Fail(L.Alert.QKD_POLICY_MISMATCH, "QKD keys offered under qkd = off")
         if not m.qkd_offered and self.params.qkd_policy is L.QkdPolicyId.REQUIRED:
@@ -998,12 +996,16 @@ class Connection:
         if self.state is State.I_EXPECT_REKEY_RESP:
             self._established(now, PeerIdentity(self.params.peer_name, "chain"), resumed=True)
         else:
-            self._note_qkd_mode(self._qkd_used)
             self._wipe_handshake()
-            self.stats["rekeys"] += 1
-            self._events.append(RekeyComplete(self.epoch, self._qkd_used, th))
+            self._rekey_complete()
 
-    def _promote_if_pending(self) -> bool:
+    def _rekey_complete(self) -> None:
+        """The new epoch is in use on this side: alarm on a QKD mode change, count, report."""
+        self._note_qkd_mode(self._qkd_used)
+        self.stats["rekeys"] += 1
+        self._events.append(RekeyComplete(self.epoch, self._qkd_used, self.transcript_hash))
+
+    def _promote_if_pending(self, now: float) -> bool:
         """RK7: the initiator is on the new epoch: make `next` current (responder)."""
         if self._send_next is None or self._recv_next is None:
             return False
@@ -1020,6 +1022,8 @@ class Connection:
         if self._next_chain is not None and self._next_chain[0] == self.epoch:
             self.assoc.set_chain(*self._next_chain)  # the chain this connection derived
         self._next_chain = None
+        self.epoch_started = now
+        self.assoc.updated_at = now
         return True
 
     # --- records ------------------------------------------------------------------------
@@ -1041,15 +1045,11 @@ class Connection:
         if self._recv_next is not None and epoch == self._recv_next.epoch:
             result = self._recv_next.open(seq, ct)
             was_resume = self.state is State.R_EXPECT_EPOCH_CONFIRM
-            self.epoch_started = now
-            self._promote_if_pending()
-            self.assoc.updated_at = now
+            self._promote_if_pending(now)
             if was_resume:
                 self._established(now, PeerIdentity(self.params.peer_name, "chain"), resumed=True)
             else:
-                self._note_qkd_mode(self._qkd_used)
-                self.stats["rekeys"] += 1
-                self._events.append(RekeyComplete(self.epoch, self._qkd_used, self.transcript_hash))
+                self._rekey_complete()
             return result
         if self._recv is not None and epoch == self._recv.epoch:
             result = self._recv.open(seq, ct)
