@@ -321,6 +321,7 @@ class PeerLink:
         self.role = (
             CoreRole.INITIATOR if settings.gateway.role is Role.INITIATOR else CoreRole.RESPONDER
         )
+        self.params = session_params(settings, self.role)  # fixed for the process lifetime
         self.assoc = Association()
         self.status = LinkStatus()
         self._current: _Session | None = None
@@ -356,7 +357,7 @@ class PeerLink:
 
         ``via``: the connection token handed to ``on_message``; the payload then goes out on
         that connection only (an answer must not travel on a newer connection)."""
-        if len(payload) > session_params(self.settings, self.role).max_message_bytes:
+        if len(payload) > self.params.max_message_bytes:
             raise PeerRejected("message too large for the record layer")
         for _ in range(100):
             s = self._current
@@ -451,8 +452,7 @@ class PeerLink:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> bool:
         """Run one connection; True if it reached ESTABLISHED."""
-        params = session_params(self.settings, self.role)
-        conn = Connection(params, self.auth, self.provider, self.rng, self.assoc)
+        conn = Connection(self.params, self.auth, self.provider, self.rng, self.assoc)
         s = _Session(self, conn, reader, writer)
         self.status.connected = True
         self.metrics.set_peer_connected(True)
@@ -493,8 +493,7 @@ class PeerLink:
             old.wake.set()
         peer = writer.get_extra_info("peername")
         source = str(peer[0]) if isinstance(peer, tuple) and peer else ""
-        params = session_params(self.settings, self.role)
-        conn = Connection(params, self.auth, self.provider, self.rng, self.assoc, source=source)
+        conn = Connection(self.params, self.auth, self.provider, self.rng, self.assoc, source=source)
         s = _Session(self, conn, reader, writer)
         self._unauthenticated.append(s)
         try:
