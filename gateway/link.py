@@ -493,7 +493,9 @@ class PeerLink:
             old.wake.set()
         peer = writer.get_extra_info("peername")
         source = str(peer[0]) if isinstance(peer, tuple) and peer else ""
-        conn = Connection(self.params, self.auth, self.provider, self.rng, self.assoc, source=source)
+        conn = Connection(
+            self.params, self.auth, self.provider, self.rng, self.assoc, source=source
+        )
         s = _Session(self, conn, reader, writer)
         self._unauthenticated.append(s)
         try:

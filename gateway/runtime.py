@@ -67,8 +67,7 @@ class Gateway:
             on_down=self.transport.link_down,
         )
         self.http: HttpServer | None = None
-        self._seen: dict[tuple[str, str, str, str], int] = {}
-        self._seen_events: Counter[str] = Counter()
+        self._seen: Counter[tuple[str, ...]] = Counter()  # last total copied, per counter
 
     async def _send(self, payload: bytes, via: object | None) -> None:
         await self.link.send(payload, via)
@@ -147,12 +146,15 @@ class Gateway:
             await asyncio.sleep(METRICS_SYNC_SECONDS)
             self._sync_metrics()
 
+    def _delta(self, key: tuple[str, ...], total: int) -> int:
+        """How much a cumulative counter grew since the last copy."""
+        grown = total - self._seen[key]
+        self._seen[key] = total
+        return grown
+
     def _bump(self, key: tuple[str, str, str, str], total: int) -> None:
         rule, direction, result, reason = key
-        self.metrics.message(
-            rule, direction, result, reason or None, count=total - self._seen.get(key, 0)
-        )
-        self._seen[key] = total
+        self.metrics.message(rule, direction, result, reason or None, count=self._delta(key, total))
 
     def _sync_metrics(self) -> None:
         """Copy the bridge's cumulative counters into Prometheus counters (as deltas)."""
@@ -175,8 +177,7 @@ class Gateway:
             "internal_error": self.link.internal_errors,
         }
         for name, total in events.items():
-            self.metrics.bridge_event(name, total - self._seen_events[name])
-            self._seen_events[name] = total
+            self.metrics.bridge_event(name, self._delta(("event", name), total))
         for reason, n in c.dropped.items():
             self._bump(("-", "in", "dropped", reason), n)
 
