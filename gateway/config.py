@@ -402,12 +402,11 @@ def _resolve(base: Path, value: Path | None) -> Path | None:
 
 def _resolve_paths(settings: Settings, base: Path) -> Settings:
     def fix(section: BaseModel) -> BaseModel:
-        updates: dict[str, Any] = {}
-        for name, field in type(section).model_fields.items():
-            val = getattr(section, name)
-            if isinstance(val, Path):
-                updates[name] = _resolve(base, val)
-            del field
+        updates: dict[str, Any] = {
+            name: _resolve(base, val)
+            for name in type(section).model_fields
+            if isinstance(val := getattr(section, name), Path)
+        }
         return section.model_copy(update=updates) if updates else section
 
     return settings.model_copy(
