@@ -441,6 +441,10 @@ class TwoSites:
             ["run", "--config", str(self.site_config(site))],
             self.gateway_env(site),
         )
+        self._wait_metrics(p, site)
+
+    def _wait_metrics(self, p: _Proc, site: str, interval: float = 0.1) -> None:
+        """Wait until gateway ``site`` answers /metrics (fails at once if it exited)."""
 
         def answers() -> bool:
             if p.proc.poll() is not None:
@@ -448,12 +452,12 @@ class TwoSites:
                     f"{p.name} exited with {p.proc.returncode}:\n{self.log_tail(p.name)}"
                 )
             try:
-                self.scrape(site)
+                self.scrape_text(site)
             except OSError:
                 return False
             return True
 
-        wait_until(answers, START_TIMEOUT_SECONDS, f"gateway {site}'s /metrics")
+        wait_until(answers, START_TIMEOUT_SECONDS, f"gateway {site}'s /metrics", interval=interval)
 
     def kill_gateway(self, site: str, sig: int = signal.SIGKILL) -> int | None:
         """Send ``sig`` (default SIGKILL) to gateway ``site`` and wait for it to exit."""
@@ -711,19 +715,7 @@ class NetnsSites(TwoSites):
             ["run", "--config", str(self.site_config(site))],
             self.gateway_env(site),
         )
-
-        def answers() -> bool:
-            if p.proc.poll() is not None:
-                raise AssertionError(
-                    f"{p.name} exited with {p.proc.returncode}:\n{self.log_tail(p.name)}"
-                )
-            try:
-                self.scrape_text(site)
-            except OSError:
-                return False
-            return True
-
-        wait_until(answers, START_TIMEOUT_SECONDS, f"gateway {site}'s /metrics", interval=0.3)
+        self._wait_metrics(p, site, interval=0.3)
 
     def scrape_text(self, site: str) -> str:
         """GET /metrics from inside the site's namespace (OSError when unreachable)."""
