@@ -201,7 +201,7 @@ class Demo:
         age = _sum(a, "qgw_session_epoch_age_seconds")
         with c.lock:
             delivered = len(c.received)
-        rate = delivered / elapsed if elapsed > 0 else 0.0
+        rate = delivered / elapsed if elapsed >= 1.0 else 0.0  # no rate from the first instant
         up = "up" if _sum(a, "qgw_session_state", "state=established") == 1 else "DOWN"
         return (
             f"[{elapsed:5.0f}s] session {up}, epoch {epoch} ({self.suite_label(a)}), rekeys {rekeys}, "
