@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 
 from gateway.core.labels import MAX_RECORD_PLAINTEXT
@@ -91,7 +91,7 @@ class Refused:
 @dataclass(frozen=True, slots=True)
 class Data:
     sid: int
-    data: bytes
+    data: bytes = field(repr=False)  # tunnelled bytes may be confidential: never printed
 
 
 @dataclass(frozen=True, slots=True)

@@ -74,3 +74,9 @@ def test_max_data_fits_one_record() -> None:
     from gateway.core.labels import MAX_RECORD_PLAINTEXT
 
     assert len(m.encode_data(1, b"x" * m.MAX_DATA)) == MAX_RECORD_PLAINTEXT
+
+
+def test_data_repr_does_not_show_the_tunnelled_bytes() -> None:
+    from gateway.tunnel.messages import Data
+
+    assert "s3cret" not in repr(Data(1, b"s3cret-payload"))
