@@ -19,9 +19,9 @@ from pathlib import Path
 
 from gateway.bridge.bridge import Bridge
 from gateway.config import QkdMode, Settings, load_settings, require_files
-from gateway.credentials import load_authenticator
+from gateway.credentials import kme_tls_context, load_authenticator
 from gateway.crypto import get_provider
-from gateway.errors import BrokerUnavailable
+from gateway.errors import BrokerUnavailable, ConfigError
 from gateway.health import HttpServer, start_http
 from gateway.link import PeerLink
 from gateway.logs import register_secret, setup_logging
@@ -46,6 +46,7 @@ class Gateway:
             register_secret(settings.mqtt.password.get_secret_value())
         self.provider = get_provider(settings.crypto.provider)
         self.auth = load_authenticator(settings, self.provider)
+        kme_tls_context(settings)  # file and TLS problems become ConfigError (exit 2), named
         self.keysource: KeySource | None = (
             None if settings.qkd.mode is QkdMode.OFF else from_settings(settings.qkd)
         )
@@ -75,7 +76,12 @@ class Gateway:
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
         if s.metrics.listen:
-            self.http = await start_http(s.metrics.listen, self.metrics, self.readiness)
+            try:
+                self.http = await start_http(s.metrics.listen, self.metrics, self.readiness)
+            except OSError as exc:
+                raise ConfigError(
+                    [("metrics.listen", f"cannot listen on {s.metrics.listen}: {exc.strerror}")]
+                ) from None
             log.info("metrics and health on http://%s:%d/", self.http.host, self.http.port)
         link_task = asyncio.ensure_future(self._supervise_link(stop))
         sync_task = asyncio.ensure_future(self._sync_metrics_forever())
