@@ -119,8 +119,10 @@ _EXTRA_COMMANDS.append(_register_keysource)
 def _register_runtime(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from gateway.demo import register as demo
     from gateway.runtime import register as run
+    from gateway.status import register as status
 
     run(sub)
+    status(sub)
     demo(sub)
 
 

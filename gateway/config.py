@@ -237,6 +237,12 @@ class Direction(StrEnum):
 class Rule(Section):
     """One topic rule, like a mosquitto bridge ``topic`` line."""
 
+    name: str = Field(
+        "",
+        pattern=r"^$|" + _NAME_PATTERN[1:],
+        description="Name in metrics and `qgw status` (default: '<direction>:<local_prefix>"
+        "<pattern>').",
+    )
     pattern: str = Field(
         ..., min_length=1, description="MQTT topic filter (after the prefix), e.g. 'sensors/#'."
     )
@@ -297,6 +303,24 @@ class MqttSection(Section):
         256, ge=1, le=65535, description="Messages in flight to the peer before backpressure."
     )
     rules: list[Rule] = Field(default_factory=list, description="Topic rules ([[mqtt.rules]]).")
+
+    @model_validator(mode="after")
+    def _unique_rule_names(self) -> MqttSection:
+        seen: dict[str, int] = {}
+        for i, rule in enumerate(self.rules):
+            label = rule_label(rule)
+            if label in seen:
+                raise ValueError(
+                    f"rules {seen[label]} and {i} are both named {label!r} in metrics; "
+                    "give one of them a distinct `name`"
+                )
+            seen[label] = i
+        return self
+
+
+def rule_label(rule: Rule) -> str:
+    """A rule's label in metrics and status: its ``name``, else direction and filter."""
+    return rule.name or f"{rule.direction.value}:{rule.local_prefix}{rule.pattern}"
 
 
 class MetricsSection(Section):
@@ -379,6 +403,8 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
 
 
 _PATTERN_WORDS = {
+    r"^$|" + _NAME_PATTERN[1:]: "must be empty or 1 to 63 characters: letters, digits, '.', "
+    "'_' or '-', starting with a letter or digit",
     _NAME_PATTERN: "must be 1 to 63 characters: letters, digits, '.', '_' or '-', "
     "starting with a letter or digit",
     r"^[A-Za-z0-9_-]{0,64}$": "must be at most 64 letters, digits, '_' or '-'",

@@ -165,6 +165,15 @@ def kme_tls_context(settings: Settings) -> ssl.SSLContext | None:
         raise ConfigError([("qkd", f"KME client TLS files do not load: {exc.strerror}")]) from None
 
 
+def kme_certificate_not_after(settings: Settings) -> datetime.datetime | None:
+    """Expiry of the KME client certificate (None when no ETSI 014 client is configured)."""
+    q = settings.qkd
+    if q.mode is QkdMode.OFF or q.source is not QkdSourceKind.ETSI014 or q.cert is None:
+        return None
+    pem = read_file("qkd.cert", q.cert)
+    return _crypto("qkd.cert", q.cert, lambda: x509.certificate_not_after(pem))
+
+
 @dataclass(slots=True)
 class CredentialReport:
     """What ``check-config --strict`` tells the operator beyond "it loads"."""
