@@ -235,6 +235,14 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self._reloads = Counter(
+            "qgw_config_reloads",
+            "SIGHUP reloads by result (ok|failed; a failed reload keeps the running config).",
+            ["result"],
+            registry=r,
+        )
+        for res in ("ok", "failed"):
+            self._reloads.labels(result=res)
         self._broker_connected = Gauge(
             "qgw_broker_connected",
             "1 while the gateway's MQTT connection to the local broker is up, else 0.",
@@ -454,6 +462,10 @@ class Metrics:
     def set_peer(self, name: str, address: str) -> None:
         """Declare the configured peer (``qgw_peer_info``)."""
         self._peer_info.labels(peer=name, address=address).set(1)
+
+    def config_reload(self, result: str) -> None:
+        """Count a SIGHUP reload: ``result`` ok|failed."""
+        self._reloads.labels(result="ok" if result == "ok" else "failed").inc()
 
     def set_broker_connected(self, connected: bool) -> None:
         self.broker_connected = connected

@@ -19,11 +19,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from gateway import sdnotify
 from gateway.bridge.bridge import Bridge
 from gateway.config import QkdMode, Settings, load_settings, require_files, rule_label
 from gateway.credentials import kme_certificate_not_after, kme_tls_context, load_credentials
 from gateway.crypto import get_provider
-from gateway.errors import BrokerUnavailable, KeySourceError
+from gateway.errors import BrokerUnavailable, ConfigError, KeySourceError
 from gateway.health import HttpServer, start_http
 from gateway.link import PeerLink
 from gateway.logs import register_secret, setup_logging
@@ -98,10 +99,12 @@ class Gateway:
         link_task = asyncio.ensure_future(self._supervise_link(stop))
         sync_task = asyncio.ensure_future(self._sync_metrics_forever())
         kme_task = asyncio.ensure_future(self._poll_kme_forever())
+        sdnotify.notify("READY=1")  # started (listening, connecting); /readyz tells "session up"
         bridge_task = asyncio.ensure_future(self._start_bridge(stop))
         try:
             await stop.wait()
         finally:
+            sdnotify.notify("STOPPING=1")
             log.info("stopping: finishing in-flight messages")
             bridge_task.cancel()
             with contextlib.suppress(Exception):
@@ -230,6 +233,70 @@ class Gateway:
         for reason, n in c.dropped.items():
             self._bump(("-", "in", "dropped", reason), n)
 
+    # -- reload (SIGHUP) -------------------------------------------------------------------
+
+    def reload(self, path: Path) -> bool:
+        """Reload credentials and the log level from ``path``; keep everything on failure.
+
+        New certificates, keys and PSKs apply at the next bootstrap: the live session keeps its
+        keys and is QKD-authenticated from here on, so it never needs the bootstrap credential
+        again. Any other changed key needs a restart; it is named in the log and not applied.
+        """
+        try:
+            new = load_settings(path)
+            auth, own_cert = load_credentials(new, self.provider)
+            kme_not_after = kme_certificate_not_after(new)
+        except ConfigError as exc:
+            why = "; ".join(f"{k}: {m}" if k else m for k, m in exc.problems)
+            log.error(  # noqa: TRY400 -- the reasons are in the message; no traceback
+                "reload of %s failed, keeping the running configuration: %s", path, why
+            )
+            self.metrics.config_reload("failed")
+            return False
+        old = self.settings
+        pending = restart_only_changes(old, new)
+        self.link.auth = auth
+        self.auth = auth
+        self.certificates = {}
+        if own_cert is not None:
+            self.certificates["bootstrap"] = own_cert.not_after.timestamp()
+        if kme_not_after is not None:
+            self.certificates["kme_client"] = kme_not_after.timestamp()
+        for name, t in self.certificates.items():
+            self.metrics.set_certificate_expiry(name, t)
+        logging.getLogger().setLevel(new.logging.level.upper())
+        self.settings = old.model_copy(update={"auth": new.auth, "logging": new.logging})
+        self.metrics.config_reload("ok")
+        log.warning(
+            "reloaded %s: %s credentials apply at the next bootstrap (the live session, epoch "
+            "%d, continues on its QKD-authenticated keys); log level %s%s",
+            path,
+            new.auth.mode.value,
+            self.metrics.session_epoch,
+            new.logging.level,
+            f"; NOT applied until restart: {', '.join(pending)}" if pending else "",
+        )
+        return True
+
+
+def restart_only_changes(old: Settings, new: Settings) -> list[str]:
+    """Dotted keys that differ between ``old`` and ``new`` and that a reload does not apply."""
+    a, b = old.model_dump(mode="json"), new.model_dump(mode="json")
+    changed: list[str] = []
+    for section in a:
+        if a[section] == b[section]:
+            continue
+        for key in sorted(set(a[section]) | set(b[section])):
+            if a[section].get(key) != b[section].get(key):
+                dotted = f"{section}.{key}"
+                if dotted not in RELOADABLE:
+                    changed.append(dotted)
+    return changed
+
+
+#: What SIGHUP applies (file *contents* are re-read even when the paths are the same).
+RELOADABLE = frozenset({"auth.cert", "auth.key", "auth.ca", "auth.psk_file", "logging.level"})
+
 
 def cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
@@ -241,6 +308,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+
+        def on_hup() -> None:
+            sdnotify.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+            log.info("SIGHUP: reloading %s", args.config)
+            gw.reload(args.config)
+            sdnotify.notify("READY=1")
+
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
         log.info(
             "qgw %s starting as %s (%s), peer %s, QKD %s",
             settings.gateway.site_id,
