@@ -98,6 +98,9 @@ def classify(op: str, status: int, body: bytes) -> _Attempt | None:
 class Etsi014Client:
     """KeySource over ETSI GS QKD 014 (see module docstring)."""
 
+    #: status code -> typed error and retry decision; the SKIP client (keysource.skip) swaps it.
+    _classify = staticmethod(classify)
+
     def __init__(
         self,
         kme_url: str,
@@ -203,7 +206,7 @@ class Etsi014Client:
             if isinstance(out, tuple):
                 status, data = out
                 log.debug("%s %s -> %d", method, url.removeprefix(self.base_url), status)
-                failed = classify(op, status, data)
+                failed = self._classify(op, status, data)
                 if failed is None:
                     return data
             else:
