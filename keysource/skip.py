@@ -221,6 +221,9 @@ class SkipClient(Etsi014Client):
     def _remember(self, keys: Sequence[QkdKey]) -> None:
         for k in keys:
             self._handed_out[k.key_id] = None
+        self._trim()
+
+    def _trim(self) -> None:
         while len(self._handed_out) > REMEMBERED_KEY_IDS:
             self._handed_out.popitem(last=False)
 
@@ -233,25 +236,28 @@ class SkipClient(Etsi014Client):
     async def enc_keys(
         self, slave_sae_id: str, number: int = 1, size_bits: int | None = None
     ) -> list[QkdKey]:
+        """``number`` GETs of ``/key`` (SKIP hands out one key per request). Not all-or-nothing:
+        if request i fails, the keys of requests before it are consumed and dropped here."""
         size = self.key_size_bits if size_bits is None else size_bits
         check_request(number, size)
         url = self._skip_url("/key", remoteSystemID=slave_sae_id, size=size)
         keys: list[QkdKey] = []
-        for _ in range(number):  # SKIP hands out one key per request
+        for _ in range(number):
             data = await self._call("enc_keys", "GET", url, None)
             k = self._validated(partial(parse_key, data, size))
-            if k.key_id in self._handed_out or any(k.key_id == o.key_id for o in keys):
+            # Checked and remembered before the next await: concurrent calls see it too.
+            if k.key_id in self._handed_out:
                 self._fail(KmeBadAnswer("key: the key provider repeated a key ID"))
+            self._remember([k])
             if any(k.key == o.key for o in keys):
                 self._fail(KmeBadAnswer("key: the key provider repeated a key"))
             keys.append(k)
-        self._remember(keys)
         self.counters.count_keys(keys)
         return keys
 
     async def dec_keys(self, master_sae_id: str, key_ids: Sequence[str]) -> list[QkdKey]:
-        """One GET per ID, in order. Not all-or-nothing as in ETSI 014: if one ID fails, the
-        keys fetched before it in this call are consumed at the key provider and dropped here."""
+        """One GET of ``/key/{keyId}`` per ID, in order. Not all-or-nothing as in ETSI 014: if
+        one ID fails, the keys fetched before it in this call are consumed and dropped here."""
         if not key_ids:
             raise ValueError("dec_keys needs at least one key ID")
         canon = [canonical_key_id(k) for k in key_ids]
@@ -260,13 +266,25 @@ class SkipClient(Etsi014Client):
             self._fail(KeyNotFound("dec_keys: a requested key ID is not a UUID or is repeated"))
         if any(i in self._handed_out for i in ids):
             self._fail(KeyNotFound("dec_keys: a requested key ID was already delivered here"))
+        for i in ids:  # in flight: a concurrent call for the same ID is refused
+            self._handed_out[i] = None
         keys: list[QkdKey] = []
-        for kid in ids:
+        for n, kid in enumerate(ids):
             path = f"/key/{quote(skip_key_id(kid), safe='')}"
             url = self._skip_url(path, remoteSystemID=master_sae_id)
-            data = await self._call("dec_keys", "GET", url, None)
-            keys.append(self._validated(partial(parse_key, data, self.key_size_bits, kid)))
-        self._remember(keys)
+            try:
+                data = await self._call("dec_keys", "GET", url, None)
+            except BaseException:
+                for later in ids[n:]:  # not delivered: a later call may ask for them again
+                    self._handed_out.pop(later, None)
+                raise
+            try:
+                keys.append(self._validated(partial(parse_key, data, self.key_size_bits, kid)))
+            except KmeBadAnswer:
+                for later in ids[n + 1 :]:  # `kid` was answered with 200: it stays spent
+                    self._handed_out.pop(later, None)
+                raise
+        self._trim()
         self.counters.count_keys(keys)
         return keys
 
