@@ -195,3 +195,31 @@ async def test_interop_with_the_independent_skip_qkd_client(sim: Sim) -> None:
     assert mine.key.expose_secret_bytes() == bytes.fromhex(made["key"])
     with pytest.raises(RuntimeError, match="404"):  # delivered once, also to skip-qkd
         await asyncio.to_thread(call, "B", "sae-b", "fetch_key_by_id", made["keyId"], "sae-a")
+
+
+async def test_two_process_mode_serves_skip_from_the_shared_pool(tmp_path: Path) -> None:
+    """--kme A and --kme B as two runners (KME B's keys come from A over the sync channel)."""
+    setup = write_kme_setup(tmp_path, LINK)  # fixed free ports: each KME must know the other's
+    clock = FakeClock()
+    run_a = SimulatorRunner(setup.config, "A", clock)
+    run_b = SimulatorRunner(setup.config, "B", clock)
+    await run_a.start()
+    await run_b.start()
+    sim_a, sim_b = Sim(setup, run_a, []), Sim(setup, run_b, [])
+    try:
+        a, b = sim_a.skip("A", "sae-a"), sim_b.skip("B", "sae-b")
+        sent = await a.enc_keys("sae-b", number=2)  # A generates and pushes B's copy
+        got = await b.dec_keys("sae-a", [k.key_id for k in sent])
+        assert [k.key.expose_secret_bytes() for k in got] == [
+            k.key.expose_secret_bytes() for k in sent
+        ]
+        back = await b.enc_keys("sae-a")  # B asks A, A keeps the slave's copy
+        (mine,) = await a.dec_keys("sae-b", [back[0].key_id])
+        assert mine.key.expose_secret_bytes() == back[0].key.expose_secret_bytes()
+        st = await b.status("sae-a")  # B's capabilities carry A's link view
+        assert st.stored_key_count == LINK["initial_keys"] - 3
+    finally:
+        for c in (*sim_a.clients, *sim_b.clients):
+            await c.aclose()
+        await run_b.stop()
+        await run_a.stop()
