@@ -1,6 +1,6 @@
 """Cisco SKIP (Secure Key Integration Protocol, draft-cisco-skip) client behind ``KeySource``.
 
-SKIP has the ETSI 014 shape with other names (docs/keysource.md §SKIP has the table and the
+SKIP has the ETSI 014 shape with other names (docs/keysource.md §8 has the tables and the
 draft sections it relies on):
 
 - initiator (our ``enc_keys``): ``GET /key?remoteSystemID=<peer>[&size=<bits>]`` -> one key,
@@ -192,6 +192,7 @@ class SkipClient(Etsi014Client):
     the peer ID passed to enc_keys/dec_keys is the SKIP ``remoteSystemID``."""
 
     _classify = staticmethod(classify)
+    _max_answer_bytes = MAX_ANSWER_BYTES
 
     def __init__(self, kme_url: str, sae_id: str, *args: Any, **kwargs: Any) -> None:
         if not kme_url.startswith("https://"):
