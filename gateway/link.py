@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from gateway.config import QkdMode, Role, Settings, Suite
 from gateway.core import labels as L
+from gateway.core.admission import Admitted
 from gateway.core.auth import Authenticator
 from gateway.core.connection import (
     Alarm,
@@ -49,6 +50,7 @@ from gateway.errors import (
     PeerRejected,
     PeerUnavailable,
 )
+from gateway.logs import RateLimitedSummary
 from gateway.metrics import ALARMS, Metrics, kme_error_kind
 from keysource.base import KeySource
 
@@ -57,7 +59,13 @@ log = logging.getLogger("qgw.link")
 KEEPALIVE_SECONDS = 5.0
 DEAD_PEER_SECONDS = 20.0
 PRE_AUTH_IDLE_SECONDS = 5.0  # an unauthenticated connection that goes quiet this long is dropped
-MAX_PENDING_CONNECTIONS = 4  # responder: half-open handshakes at once
+# Responder admission pool (docs/protocol.md §7): connections that have not sent a valid HELLO.
+MAX_PENDING_CONNECTIONS = 64  # in all
+MAX_PENDING_PER_ADDRESS = 8  # per source address (TCP has proven it)
+HELLO_DEADLINE_SECONDS = 2.0  # from accept to a valid HELLO (the real peer needs one round trip)
+TRUSTED_SOURCES = 16  # addresses that recently authenticated: evicted last when the pool is full
+LISTEN_BACKLOG = 1024  # asyncio's default of 100 overflows under a connection flood
+SUMMARY_SECONDS = 10.0  # one log line per this many seconds about unauthenticated connections
 READ_CHUNK = 256 * 1024
 WRITE_HIGH_WATER = 1 << 20  # bytes queued in the socket before send() waits (backpressure)
 
@@ -126,6 +134,18 @@ class _Session:
         self.tasks: set[asyncio.Task[None]] = set()
         self._flush_scheduled = False
         self._counted: collections.Counter[str] = collections.Counter()
+        self.accepted_at = self.last_rx
+        self.source = ""
+        self.admitted = False  # responder: a valid HELLO arrived (AD4)
+        self.authenticated = False  # responder: ... proven with the chain key or the PSK
+        self.count_ok: str | None = None  # initiator: handshake reason to count once R confirms
+        self.refused_before_admit = False  # initiator: closed by the peer before ADMIT
+
+    def hello_deadline(self) -> float | None:
+        """Responder: a connection that has not been admitted by then is closed (§7)."""
+        if self.link.role is CoreRole.INITIATOR or self.admitted:
+            return None
+        return self.accepted_at + HELLO_DEADLINE_SECONDS
 
     def now(self) -> float:
         return time.monotonic()
@@ -135,7 +155,12 @@ class _Session:
 
     def idle_limit(self) -> float:
         """Silence allowed before the connection is dropped."""
-        if self.established.is_set() or self.tasks or self.link.role is CoreRole.INITIATOR:
+        if (
+            self.established.is_set()
+            or self.tasks
+            or self.authenticated
+            or self.link.role is CoreRole.INITIATOR
+        ):
             return DEAD_PEER_SECONDS  # authenticated, or waiting for our own KME
         return PRE_AUTH_IDLE_SECONDS
 
@@ -182,6 +207,8 @@ class _Session:
                     timers.append(self.last_tx + KEEPALIVE_SECONDS)
                 if (t := self.conn.get_timer()) is not None:
                     timers.append(t)
+                if (t := self.hello_deadline()) is not None:
+                    timers.append(t)
                 timeout = max(0.0, min(timers) - now)
                 if read_task is None:
                     read_task = asyncio.ensure_future(self.reader.read(READ_CHUNK))
@@ -201,10 +228,16 @@ class _Session:
                     self.last_rx = now
                     self.conn.receive_data(data, now)
                     self._count_records()
+                    if self.count_ok is not None and self.conn.stats["records_received"]:
+                        self.link._confirmed(self)  # R's first record: the session is real
                 t = self.conn.get_timer()
                 if t is not None and now >= t:
                     self.conn.handle_timer(now)
-                if now - self.last_rx >= self.idle_limit():
+                hello_by = self.hello_deadline()
+                if hello_by is not None and now >= hello_by and not self.is_closed():
+                    self.link.metrics.admission_eviction("hello_deadline")
+                    self.conn.close(now, L.Alert.TIMEOUT, "no valid HELLO in time")
+                elif now - self.last_rx >= self.idle_limit():
                     self.conn.close(now, L.Alert.TIMEOUT, "peer silent")
                     self.link.status.last_close = "peer silent (dead-peer timeout)"
                 elif (
@@ -235,7 +268,9 @@ class _Session:
     async def _handle_events(self) -> None:
         link = self.link
         while (ev := self.conn.next_event()) is not None:
-            if isinstance(ev, NeedQkdKeys):
+            if isinstance(ev, Admitted):
+                link._on_admitted(self, ev)
+            elif isinstance(ev, NeedQkdKeys):
                 self._spawn(self._fetch(ev.count, None))
             elif isinstance(ev, NeedQkdKeysById):
                 self._spawn(self._fetch(len(ev.key_ids), ev.key_ids))
@@ -331,7 +366,13 @@ class PeerLink:
         self._listen_port: int | None = None
         self._rebootstrap_next = False
         self.internal_errors = 0
-        self._unauthenticated: list[_Session] = []
+        # responder: connections without a valid HELLO yet, oldest first (the pending pool, §7)
+        self._pending: dict[_Session, None] = {}
+        self._trusted_sources: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.closed_summary = RateLimitedSummary(
+            log, "unauthenticated connections closed", interval=SUMMARY_SECONDS
+        )
+        self.last_load_refusal = False  # initiator: the last connection was refused for load
 
     # --- public ---
 
@@ -440,9 +481,16 @@ class PeerLink:
                     delay,
                 )
             else:
+                self.last_load_refusal = False
                 ok = await self._serve_connection(reader, writer)
                 if ok:
                     delay = 0.5
+                elif self.last_load_refusal:
+                    # refused before ADMIT (alert 17, eviction): the responder is loaded, we
+                    # spent no QKD key; retry soon without growing the back-off
+                    delay = min(delay, 0.5)
+                    await asyncio.sleep(random.uniform(0.05, 0.25))  # noqa: S311 -- jitter
+                    continue
             if self.stopping():
                 break
             await asyncio.sleep(random.uniform(0.5, 1.0) * delay)  # noqa: S311 -- jitter, not a secret
@@ -471,40 +519,75 @@ class PeerLink:
 
     async def _run_responder(self) -> None:
         host, _, port = self.settings.gateway.listen.rpartition(":")
-        self._server = await asyncio.start_server(self._accept, host.strip("[]"), int(port))
+        self._server = await asyncio.start_server(
+            self._accept, host.strip("[]"), int(port), backlog=LISTEN_BACKLOG
+        )
         self._listen_port = self._server.sockets[0].getsockname()[1]
         log.info("listening for the peer gateway on %s:%s", host, self._listen_port)
         self.metrics.set_session("down")
         try:
             while not self._stopping:
                 await asyncio.sleep(0.5)
+                self.closed_summary.flush()
         finally:
+            self.closed_summary.flush(force=True)
             self._server.close()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._stopping:
             writer.close()
             return
-        if len(self._unauthenticated) >= MAX_PENDING_CONNECTIONS:
-            # Evict the oldest unauthenticated connection rather than refuse the newest, so
-            # idle sockets cannot lock the real peer out.
-            old = self._unauthenticated.pop(0)
-            old.conn.close(old.now(), L.Alert.RATE_LIMITED, "too many unauthenticated connections")
-            old.wake.set()
         peer = writer.get_extra_info("peername")
         source = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        self._make_room(source)
         conn = Connection(
             self.params, self.auth, self.provider, self.rng, self.assoc, source=source
-        )
+        )  # AD1: the CHALLENGE is queued and goes out on the session's first flush
         s = _Session(self, conn, reader, writer)
-        self._unauthenticated.append(s)
+        s.source = source
+        self._pending[s] = None
+        self.metrics.set_pending_connections(len(self._pending))
         try:
             await s.run()
         finally:
-            if s in self._unauthenticated:
-                self._unauthenticated.remove(s)
+            self._pending.pop(s, None)
+            self.metrics.set_pending_connections(len(self._pending))
             if self._current is s:
                 self._lost()
+
+    def _make_room(self, source: str) -> None:
+        """Bound the pending pool before taking a new connection (§7).
+
+        A new connection never waits: when its address already holds MAX_PENDING_PER_ADDRESS
+        pending connections, its own oldest goes; when the pool is full, the oldest connection of
+        the address holding the most goes (addresses that recently authenticated come last).
+        Authenticated connections are not in the pool and are never evicted."""
+        same = [p for p in self._pending if p.source == source]
+        if len(same) >= MAX_PENDING_PER_ADDRESS:
+            self._evict(same[0], "address_cap")
+            return
+        if len(self._pending) < MAX_PENDING_CONNECTIONS:
+            return
+        counts = collections.Counter(p.source for p in self._pending)
+        candidates = [a for a in counts if a not in self._trusted_sources] or list(counts)
+        most = max(counts[a] for a in candidates)
+        victim = next(
+            p for p in self._pending if p.source in candidates and counts[p.source] == most
+        )
+        self._evict(victim, "pool_full")
+
+    def _evict(self, s: _Session, reason: str) -> None:
+        self._pending.pop(s, None)
+        self.metrics.admission_eviction(reason)
+        s.conn.close(s.now(), L.Alert.RATE_LIMITED, f"evicted ({reason})")
+        s.flush()
+        s.wake.set()
+
+    def _trust_source(self, source: str) -> None:
+        self._trusted_sources.pop(source, None)
+        self._trusted_sources[source] = None
+        while len(self._trusted_sources) > TRUSTED_SOURCES:
+            self._trusted_sources.popitem(last=False)
 
     def _lost(self) -> None:
         self._current = None
@@ -517,11 +600,33 @@ class PeerLink:
 
     # --- core events ---
 
+    def _on_admitted(self, s: _Session, ev: Admitted) -> None:
+        """AD4 on the responder: a valid HELLO; leave the pool if proven with a secret."""
+        s.admitted = True
+        self.metrics.admission(ev.kind.name.lower(), ev.authenticated)
+        if ev.authenticated:
+            s.authenticated = True
+            self._pending.pop(s, None)
+            self.metrics.set_pending_connections(len(self._pending))
+            self._trust_source(s.source)
+
+    def _confirmed(self, s: _Session) -> None:
+        """Initiator: the responder's first record of the new session arrived: count it now."""
+        reason, s.count_ok = s.count_ok, None
+        if reason is None:
+            return
+        if reason == "resumed":
+            self.status.resumptions += 1
+        else:
+            self.status.handshakes += 1
+        self.metrics.handshake("ok", reason)
+
     def _on_established(self, s: _Session, ev: HandshakeComplete) -> None:
         old = self._current
         if self.role is CoreRole.RESPONDER:
-            if s in self._unauthenticated:
-                self._unauthenticated.remove(s)
+            self._pending.pop(s, None)
+            self.metrics.set_pending_connections(len(self._pending))
+            self._trust_source(s.source)
             if old is not None and old is not s:
                 if old.conn.state is not State.CLOSED:
                     old.conn.close(
@@ -540,15 +645,22 @@ class PeerLink:
             ev.suite,
             ev.qkd_used,
         )
-        if ev.resumed:
-            st.resumptions += 1
-        else:
-            st.handshakes += 1
         reason = (
             "resumed" if ev.resumed else ("rebootstrap" if self._rebootstrap_next else "bootstrap")
         )
         self._rebootstrap_next = False
-        self.metrics.handshake("ok", reason)
+        if self.role is CoreRole.INITIATOR:
+            # Honest counts (§3.5): the initiator counts the session once the responder's first
+            # record (EPOCH_CONFIRM) shows that the responder completed it too.
+            s.count_ok = reason
+            if s.conn.stats["records_received"]:
+                self._confirmed(s)
+        else:
+            if ev.resumed:
+                st.resumptions += 1
+            else:
+                st.handshakes += 1
+            self.metrics.handshake("ok", reason)
         self.metrics.set_peer_connected(True)
         self.metrics.set_session("established", ev.epoch, time.monotonic())
         self._set_mode(ev.qkd_used)
@@ -597,22 +709,36 @@ class PeerLink:
 
     def _on_closed(self, s: _Session, ev: Closed) -> None:
         st = self.status
-        st.last_close = (
-            f"{'peer' if ev.by_peer else 'local'}: {ev.alert.name.lower()} ({ev.reason})"
+        text = f"{'peer' if ev.by_peer else 'local'}: {ev.alert.name.lower()} ({ev.reason})"
+        if s.conn.stats["global_budget_refusals"]:
+            self.metrics.admission_budget_refusal(s.conn.stats["global_budget_refusals"])
+        unauthenticated = (
+            self.role is CoreRole.RESPONDER and not s.authenticated and not s.established.is_set()
         )
-        if not s.established.is_set():
+        if self.role is CoreRole.INITIATOR and not s.established.is_set():
+            s.refused_before_admit = ev.by_peer and ev.alert is L.Alert.RATE_LIMITED
+            self.last_load_refusal = s.refused_before_admit
+        if unauthenticated and not s.admitted:
+            # never a handshake: count and summarise, one log line per SUMMARY_SECONDS
+            self.metrics.admission_refusal(ev.alert.name.lower())
+        elif not s.established.is_set():
             self.metrics.handshake("failed", ev.alert.name.lower())
         if ev.alert is L.Alert.RECORD_FAILURE and not ev.by_peer:
             self.metrics.record_auth_failure()
         if ev.alert is L.Alert.NO_SESSION and ev.by_peer:
-            # The responder lost its state (restart): bootstrap again, visibly.
-            self.assoc.forget()
+            # The responder lost its state (restart): bootstrap again, visibly. The core has
+            # forgotten the chain and requires QKD key on that bootstrap unless qkd = off (§5).
             self._rebootstrap_next = True
             self.status.alarms["rebootstrap"] = "peer lost its session state; bootstrapping again"
             log.warning("peer has no session for our chain: bootstrapping again (alarm)")
-        if ev.alert is L.Alert.QKD_UNAVAILABLE and not ev.by_peer:
+        if ev.alert is L.Alert.QKD_UNAVAILABLE and not ev.by_peer and not unauthenticated:
             self.metrics.set_alarm("qkd_unavailable", True)
             self.status.alarms["qkd_unavailable"] = ev.reason
+        if unauthenticated:  # anyone can cause these: no status change, no WARNING each
+            self.closed_summary.add(f"{'peer' if ev.by_peer else 'local'}_{ev.alert.name.lower()}")
+            log.debug("unauthenticated connection closed: %s", text)
+            return
+        st.last_close = text
         level = logging.INFO if ev.alert is L.Alert.CLOSE_NOTIFY else logging.WARNING
         log.log(level, "connection closed: %s", st.last_close)
 
