@@ -17,12 +17,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import os
 import random
+import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.config import QkdMode, Role, Settings, Suite
 from gateway.core import labels as L
@@ -65,6 +69,8 @@ MAX_PENDING_PER_ADDRESS = 8  # per source address (TCP has proven it)
 HELLO_DEADLINE_SECONDS = 2.0  # from accept to a valid HELLO (the real peer needs one round trip)
 TRUSTED_SOURCES = 16  # addresses that recently authenticated: evicted last when the pool is full
 LISTEN_BACKLOG = 1024  # asyncio's default of 100 overflows under a connection flood
+CONNECT_ATTEMPT_SECONDS = 0.5  # initiator: first TCP connect attempt (then 1 s, 2 s, ...)
+ACCEPT_BATCH = 512  # connections accepted per readiness event of the listening socket
 SUMMARY_SECONDS = 10.0  # one log line per this many seconds about unauthenticated connections
 READ_CHUNK = 256 * 1024
 WRITE_HIGH_WATER = 1 << 20  # bytes queued in the socket before send() waits (backpressure)
@@ -330,6 +336,126 @@ class _Session:
         self.wake.set()
 
 
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def _same(p: _Pending) -> _Pending:
+    return p
+
+
+class _Pending(asyncio.Protocol):
+    """Responder: one connection before its HELLO (the pending pool, docs/protocol.md §7).
+
+    No task, no stream objects, one timer: AD1 (CHALLENGE) goes out on accept, bytes go to the
+    core until AD3 accepts a HELLO; then the transport is handed to a :class:`_Session` with the
+    same core :class:`Connection` (its ADMIT still queued). Anything else closes it, counted.
+    """
+
+    def __init__(self, link: PeerLink, source: str) -> None:
+        self.link = link
+        self.transport: asyncio.Transport | None = None
+        self.conn: Connection | None = None
+        self.source = source
+        self._timer: asyncio.TimerHandle | None = None
+        self._done = False  # closed, evicted or handed over
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        link = self.link
+        self.transport = transport
+        if self._done or link.stopping():  # evicted between accept and here, or shutting down
+            self._done = True
+            link._pool_remove(self)
+            transport.abort()
+            return
+        self.conn = Connection(
+            link.params, link.auth, link.provider, link.rng, link.assoc, source=self.source
+        )
+        transport.write(self.conn.data_to_send())  # AD1: CHALLENGE
+        self._timer = asyncio.get_running_loop().call_later(HELLO_DEADLINE_SECONDS, self._expire)
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        if conn is None or self._done:
+            return
+        try:
+            conn.receive_data(data, time.monotonic())
+        except Exception:  # a bug must cost one connection, never the gateway
+            log.exception("pending connection aborted by an internal error")
+            self.link.internal_errors += 1
+            self.close(L.Alert.INTERNAL_ERROR, "internal error")
+            return
+        if conn.state is State.CLOSED:
+            self._finish()
+        elif conn.state is not State.R_EXPECT_HELLO:
+            self._upgrade()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._done:
+            self._done = True
+            self._cancel()
+            self.link._pool_remove(self)
+            self.link._pending_closed(None)
+
+    def eof_received(self) -> bool | None:
+        return False  # close our side too
+
+    def close(self, alert: L.Alert, reason: str) -> None:
+        if self._done:
+            return
+        if self.conn is None:  # accepted, transport not made yet: connection_made aborts it
+            self._done = True
+            self.link._pool_remove(self)
+            return
+        self.conn.close(time.monotonic(), alert, reason)
+        self._finish()
+
+    def _expire(self) -> None:
+        if not self._done:
+            self.link.metrics.admission_eviction("hello_deadline")
+            self.close(L.Alert.TIMEOUT, "no valid HELLO in time")
+
+    def _cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _finish(self) -> None:
+        """The core closed the connection before admission: send its alert, count, close."""
+        assert self.conn is not None
+        assert self.transport is not None
+        self._done = True
+        self._cancel()
+        self.link._pool_remove(self)
+        out = self.conn.data_to_send()
+        if out and not self.transport.is_closing():
+            self.transport.write(out)
+        closed = [e for e in iter(self.conn.next_event, None) if isinstance(e, Closed)]
+        self.link._pending_closed(closed[0] if closed else None)
+        self.transport.close()
+
+    def _upgrade(self) -> None:
+        """AD3 passed: hand the transport and the core over to a full session (AD4 onwards)."""
+        assert self.conn is not None
+        assert self.transport is not None
+        self._done = True
+        self._cancel()
+        link = self.link
+        link._pool_remove(self)
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=READ_CHUNK * 2, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        self.transport.set_protocol(protocol)
+        protocol.connection_made(self.transport)
+        writer = asyncio.StreamWriter(self.transport, protocol, reader, loop)
+        s = _Session(link, self.conn, reader, writer)
+        s.source = self.source
+        s.admitted = True
+        task = asyncio.ensure_future(link._serve_admitted(s))
+        link._sessions.add(task)
+        task.add_done_callback(link._sessions.discard)
+
+
 class PeerLink:
     """The gateway-to-gateway link of one gateway (initiator or responder)."""
 
@@ -362,17 +488,19 @@ class PeerLink:
         self._current: _Session | None = None
         self._up = asyncio.Event()
         self._stopping = False
-        self._server: asyncio.Server | None = None
         self._listen_port: int | None = None
         self._rebootstrap_next = False
         self.internal_errors = 0
         # responder: connections without a valid HELLO yet, oldest first (the pending pool, §7)
-        self._pending: dict[_Session, None] = {}
+        self._pending: dict[_Pending | _Session, None] = {}
+        self._pending_by_source: collections.Counter[str] = collections.Counter()
+        self._listen_sock: socket.socket | None = None
         self._trusted_sources: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.closed_summary = RateLimitedSummary(
             log, "unauthenticated connections closed", interval=SUMMARY_SECONDS
         )
         self.last_load_refusal = False  # initiator: the last connection was refused for load
+        self._sessions: set[asyncio.Task[Any]] = set()  # responder: accept and session tasks
 
     # --- public ---
 
@@ -437,10 +565,17 @@ class PeerLink:
             s.wake.set()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(s.closed.wait(), 3)
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 3)
+        self._close_listener()
+        for p in list(self._pending):  # responder: connections not (yet) authenticated
+            if isinstance(p, _Pending):
+                p.close(L.Alert.CLOSE_NOTIFY, "shutting down")
+            else:
+                p.conn.close(p.now(), L.Alert.CLOSE_NOTIFY, "shutting down")
+                p.wake.set()
+        for task in list(self._sessions):
+            task.cancel()
+        if self._sessions:
+            await asyncio.wait(list(self._sessions), timeout=3)
         self.assoc.forget()
 
     def rekey_now(self) -> None:
@@ -468,10 +603,7 @@ class PeerLink:
         while not self._stopping:
             self.metrics.set_session("connecting")
             try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(host, int(port)),
-                    self.settings.gateway.connect_timeout_seconds,
-                )
+                reader, writer = await self._connect(host, int(port))
             except (OSError, TimeoutError) as exc:
                 self.status.last_close = f"connect failed: {exc.__class__.__name__}"
                 log.info(
@@ -496,6 +628,28 @@ class PeerLink:
             await asyncio.sleep(random.uniform(0.5, 1.0) * delay)  # noqa: S311 -- jitter, not a secret
             delay = min(cap, delay * 2)
 
+    async def _connect(
+        self, host: str, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """TCP connect within ``connect_timeout_seconds``, in attempts of 0.5 s, 1 s, 2 s, ...
+
+        A SYN dropped by a responder whose accept queue a flood has filled would otherwise wait
+        for the kernel's exponential SYN back-off (1 s, 3 s, 7 s); a fresh attempt sends a
+        fresh SYN sooner."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.gateway.connect_timeout_seconds
+        attempt = CONNECT_ATTEMPT_SECONDS
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TimeoutError("connect timed out")
+            try:
+                return await asyncio.wait_for(
+                    asyncio.open_connection(host, port), min(attempt, left)
+                )
+            except TimeoutError:
+                attempt *= 2
+
     async def _serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> bool:
@@ -519,10 +673,21 @@ class PeerLink:
 
     async def _run_responder(self) -> None:
         host, _, port = self.settings.gateway.listen.rpartition(":")
-        self._server = await asyncio.start_server(
-            self._accept, host.strip("[]"), int(port), backlog=LISTEN_BACKLOG
-        )
-        self._listen_port = self._server.sockets[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+        family, stype, proto, _, addr = socket.getaddrinfo(
+            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, stype, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+        self._listen_sock = sock
+        self._listen_port = sock.getsockname()[1]
+        # Our own accept loop: the pool decision (§7) is made on the bare socket, so refusing a
+        # flood connection costs an accept() and a close(), nothing more; only connections that
+        # enter the pool get a transport and a bare _Pending protocol (no task, no streams).
+        loop.add_reader(sock.fileno(), self._on_acceptable)
         log.info("listening for the peer gateway on %s:%s", host, self._listen_port)
         self.metrics.set_session("down")
         try:
@@ -531,57 +696,115 @@ class PeerLink:
                 self.closed_summary.flush()
         finally:
             self.closed_summary.flush(force=True)
-            self._server.close()
+            self._close_listener()
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._stopping:
-            writer.close()
+    def _close_listener(self) -> None:
+        sock, self._listen_sock = self._listen_sock, None
+        if sock is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(sock.fileno())
+            sock.close()
+
+    def _on_acceptable(self) -> None:
+        sock = self._listen_sock
+        if sock is None:
             return
-        peer = writer.get_extra_info("peername")
-        source = str(peer[0]) if isinstance(peer, tuple) and peer else ""
-        self._make_room(source)
-        conn = Connection(
-            self.params, self.auth, self.provider, self.rng, self.assoc, source=source
-        )  # AD1: the CHALLENGE is queued and goes out on the session's first flush
-        s = _Session(self, conn, reader, writer)
-        s.source = source
-        self._pending[s] = None
-        self.metrics.set_pending_connections(len(self._pending))
+        loop = asyncio.get_running_loop()
+        for _ in range(ACCEPT_BATCH):
+            try:
+                csock, addr = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: counted in the summary, retried
+                self.closed_summary.add(f"accept_{exc.__class__.__name__}")
+                return
+            source = str(addr[0]) if isinstance(addr, tuple) and addr else ""
+            if self._stopping or not self._make_room(source):
+                # refused at accept: a reset, no FIN handshake, no TIME_WAIT state
+                csock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                csock.close()
+                continue
+            csock.setblocking(False)
+            pend = _Pending(self, source)
+            self._pool_add(pend)
+            task = loop.create_task(
+                loop.connect_accepted_socket(functools.partial(_same, pend), csock)
+            )
+            self._sessions.add(task)
+            task.add_done_callback(self._sessions.discard)
+
+    def _pool_add(self, p: _Pending | _Session) -> None:
+        if p not in self._pending:
+            self._pending[p] = None
+            self._pending_by_source[p.source] += 1
+            self.metrics.set_pending_connections(len(self._pending))
+
+    def _pool_remove(self, p: _Pending | _Session) -> None:
+        if self._pending.pop(p, 0) is None:
+            self._pending_by_source[p.source] -= 1
+            if self._pending_by_source[p.source] <= 0:
+                del self._pending_by_source[p.source]
+            self.metrics.set_pending_connections(len(self._pending))
+
+    async def _serve_admitted(self, s: _Session) -> None:
+        """Run a connection that passed AD3 (its ADMIT is still queued in the core)."""
         try:
             await s.run()
         finally:
-            self._pending.pop(s, None)
-            self.metrics.set_pending_connections(len(self._pending))
+            self._pool_remove(s)
             if self._current is s:
                 self._lost()
 
-    def _make_room(self, source: str) -> None:
-        """Bound the pending pool before taking a new connection (§7).
+    def _make_room(self, source: str) -> bool:
+        """The pool decision for a new connection from ``source`` (docs/protocol.md §7).
 
-        A new connection never waits: when its address already holds MAX_PENDING_PER_ADDRESS
-        pending connections, its own oldest goes; when the pool is full, the oldest connection of
-        the address holding the most goes (addresses that recently authenticated come last).
-        Authenticated connections are not in the pool and are never evicted."""
-        same = [p for p in self._pending if p.source == source]
-        if len(same) >= MAX_PENDING_PER_ADDRESS:
-            self._evict(same[0], "address_cap")
-            return
+        False: refuse the new connection at accept (counted). True: take it, after evicting
+        one pending connection if the pool is full. Authenticated connections are not in the
+        pool and are never evicted.
+
+        - its address already holds MAX_PENDING_PER_ADDRESS pending: refuse (``address_cap``);
+        - pool not full: take it;
+        - pool full: the victim is the oldest connection of the address holding the most, among
+          addresses that have not recently authenticated (those come last). A newcomer from a
+          recently authenticated address always gets a victim; any other newcomer only when the
+          victim's address holds at least two more than its own (``pool_full``), else it is
+          refused (``pool_busy``): a flat flood from many addresses then costs one accept() and
+          one close() per connection instead of churning the pool.
+        """
+        counts = self._pending_by_source
+        same = counts.get(source, 0)
+        if same >= MAX_PENDING_PER_ADDRESS:
+            self.metrics.admission_eviction("address_cap")
+            return False
         if len(self._pending) < MAX_PENDING_CONNECTIONS:
-            return
-        counts = collections.Counter(p.source for p in self._pending)
+            return True
         candidates = [a for a in counts if a not in self._trusted_sources] or list(counts)
         most = max(counts[a] for a in candidates)
+        if source not in self._trusted_sources and most < same + 2:
+            self.metrics.admission_eviction("pool_busy")
+            return False
         victim = next(
             p for p in self._pending if p.source in candidates and counts[p.source] == most
         )
         self._evict(victim, "pool_full")
+        return True
 
-    def _evict(self, s: _Session, reason: str) -> None:
-        self._pending.pop(s, None)
+    def _evict(self, s: _Pending | _Session, reason: str) -> None:
+        self._pool_remove(s)
         self.metrics.admission_eviction(reason)
+        if isinstance(s, _Pending):
+            s.close(L.Alert.RATE_LIMITED, f"evicted ({reason})")
+            return
         s.conn.close(s.now(), L.Alert.RATE_LIMITED, f"evicted ({reason})")
         s.flush()
         s.wake.set()
+
+    def _pending_closed(self, ev: Closed | None) -> None:
+        """A pending connection ended before a valid HELLO: count it, summarise it (no WARNING)."""
+        reason = "peer_eof" if ev is None else ev.alert.name.lower()
+        self.metrics.admission_refusal(reason)
+        who = "peer" if ev is None or ev.by_peer else "local"
+        self.closed_summary.add(f"{who}_{reason}")
 
     def _trust_source(self, source: str) -> None:
         self._trusted_sources.pop(source, None)
@@ -606,9 +829,9 @@ class PeerLink:
         self.metrics.admission(ev.kind.name.lower(), ev.authenticated)
         if ev.authenticated:
             s.authenticated = True
-            self._pending.pop(s, None)
-            self.metrics.set_pending_connections(len(self._pending))
             self._trust_source(s.source)
+        else:  # pki bootstrap: public proof only; it stays evictable until the handshake ends
+            self._pool_add(s)
 
     def _confirmed(self, s: _Session) -> None:
         """Initiator: the responder's first record of the new session arrived: count it now."""
@@ -624,8 +847,7 @@ class PeerLink:
     def _on_established(self, s: _Session, ev: HandshakeComplete) -> None:
         old = self._current
         if self.role is CoreRole.RESPONDER:
-            self._pending.pop(s, None)
-            self.metrics.set_pending_connections(len(self._pending))
+            self._pool_remove(s)
             self._trust_source(s.source)
             if old is not None and old is not s:
                 if old.conn.state is not State.CLOSED:

@@ -99,7 +99,7 @@ HANDSHAKE_RESULTS = ("ok", "failed")
 REKEY_RESULTS = ("ok", "failed")
 ADMISSION_KINDS = ("resume", "bootstrap")
 ADMISSION_RESULTS = ("authenticated", "unauthenticated")  # proof under a secret, or public only
-EVICTION_REASONS = ("pool_full", "address_cap", "hello_deadline")
+EVICTION_REASONS = ("pool_full", "pool_busy", "address_cap", "hello_deadline")
 #: Alarms the runtime is expected to raise (others are accepted, bounded).
 ALARMS = ("qkd_unavailable", "qkd_mode_downgrade", "kme_unreachable")
 BRIDGE_EVENTS = (
@@ -246,8 +246,9 @@ class Metrics:
         self._evict_v = _Vocabulary(EVICTION_REASONS)
         self._evictions = Counter(
             "qgw_admission_evictions",
-            "Pending (pre-HELLO) connections closed by the responder, by reason "
-            "(pool_full, address_cap, hello_deadline).",
+            "Connections the responder closed before a valid HELLO, by reason: pool_full (an "
+            "older pending one evicted), pool_busy / address_cap (a new one refused at accept), "
+            "hello_deadline.",
             ["reason"],
             registry=r,
         )
