@@ -22,7 +22,6 @@ import logging
 import os
 import random
 import socket
-import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -334,9 +333,6 @@ class _Session:
             log.error("QKD keys could not be used: %s", exc)  # noqa: TRY400 -- no traceback needed
             self.conn.close(self.now(), L.Alert.INTERNAL_ERROR, "bad QKD key")
         self.wake.set()
-
-
-_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 def _same(p: _Pending) -> _Pending:
@@ -710,28 +706,39 @@ class PeerLink:
         if sock is None:
             return
         loop = asyncio.get_running_loop()
-        for _ in range(ACCEPT_BATCH):
-            try:
-                csock, addr = sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # EMFILE and friends: counted in the summary, retried
-                self.closed_summary.add(f"accept_{exc.__class__.__name__}")
-                return
-            source = str(addr[0]) if isinstance(addr, tuple) and addr else ""
-            if self._stopping or not self._make_room(source):
-                # refused at accept: a reset, no FIN handshake, no TIME_WAIT state
-                csock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-                csock.close()
-                continue
-            csock.setblocking(False)
-            pend = _Pending(self, source)
-            self._pool_add(pend)
-            task = loop.create_task(
-                loop.connect_accepted_socket(functools.partial(_same, pend), csock)
-            )
-            self._sessions.add(task)
-            task.add_done_callback(self._sessions.discard)
+        refused: collections.Counter[str] = collections.Counter()
+        try:
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    # the raw descriptor: refusing a flood connection then costs no socket object
+                    fd, addr = sock._accept()  # type: ignore[attr-defined]
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:  # EMFILE and friends: counted in the summary, retried
+                    self.closed_summary.add(f"accept_{exc.__class__.__name__}")
+                    return
+                source = str(addr[0]) if isinstance(addr, tuple) and addr else ""
+                reason = "shutdown" if self._stopping else self._room_for(source)
+                if reason:
+                    os.close(fd)
+                    refused[reason] += 1
+                    continue
+                self._take(fd, source, sock, loop)
+        finally:
+            for reason, n in refused.items():  # one metrics update per batch, not per socket
+                self.metrics.admission_eviction(reason, n)
+
+    def _take(
+        self, fd: int, source: str, lsock: socket.socket, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        """A connection enters the pending pool: a transport with a bare _Pending protocol."""
+        csock = socket.socket(lsock.family, lsock.type, lsock.proto, fileno=fd)
+        csock.setblocking(False)
+        pend = _Pending(self, source)
+        self._pool_add(pend)
+        task = loop.create_task(loop.connect_accepted_socket(functools.partial(_same, pend), csock))
+        self._sessions.add(task)
+        task.add_done_callback(self._sessions.discard)
 
     def _pool_add(self, p: _Pending | _Session) -> None:
         if p not in self._pending:
@@ -756,10 +763,17 @@ class PeerLink:
                 self._lost()
 
     def _make_room(self, source: str) -> bool:
+        """:meth:`_room_for` that counts its refusal; True if the connection may be taken."""
+        reason = self._room_for(source)
+        if reason:
+            self.metrics.admission_eviction(reason)
+        return not reason
+
+    def _room_for(self, source: str) -> str:
         """The pool decision for a new connection from ``source`` (docs/protocol.md §7).
 
-        False: refuse the new connection at accept (counted). True: take it, after evicting
-        one pending connection if the pool is full. Authenticated connections are not in the
+        Returns the refusal reason, or "" to take the connection (after evicting one pending
+        connection if the pool is full). Authenticated connections are not in the
         pool and are never evicted.
 
         - its address already holds MAX_PENDING_PER_ADDRESS pending: refuse (``address_cap``);
@@ -774,20 +788,18 @@ class PeerLink:
         counts = self._pending_by_source
         same = counts.get(source, 0)
         if same >= MAX_PENDING_PER_ADDRESS:
-            self.metrics.admission_eviction("address_cap")
-            return False
+            return "address_cap"
         if len(self._pending) < MAX_PENDING_CONNECTIONS:
-            return True
+            return ""
         candidates = [a for a in counts if a not in self._trusted_sources] or list(counts)
         most = max(counts[a] for a in candidates)
         if source not in self._trusted_sources and most < same + 2:
-            self.metrics.admission_eviction("pool_busy")
-            return False
+            return "pool_busy"
         victim = next(
             p for p in self._pending if p.source in candidates and counts[p.source] == most
         )
         self._evict(victim, "pool_full")
-        return True
+        return ""
 
     def _evict(self, s: _Pending | _Session, reason: str) -> None:
         self._pool_remove(s)

@@ -99,7 +99,7 @@ HANDSHAKE_RESULTS = ("ok", "failed")
 REKEY_RESULTS = ("ok", "failed")
 ADMISSION_KINDS = ("resume", "bootstrap")
 ADMISSION_RESULTS = ("authenticated", "unauthenticated")  # proof under a secret, or public only
-EVICTION_REASONS = ("pool_full", "pool_busy", "address_cap", "hello_deadline")
+EVICTION_REASONS = ("pool_full", "pool_busy", "address_cap", "hello_deadline", "shutdown")
 #: Alarms the runtime is expected to raise (others are accepted, bounded).
 ALARMS = ("qkd_unavailable", "qkd_mode_downgrade", "kme_unreachable")
 BRIDGE_EVENTS = (
@@ -461,8 +461,8 @@ class Metrics:
             result=self._adm_result_v("authenticated" if authenticated else "unauthenticated"),
         ).inc()
 
-    def admission_eviction(self, reason: str) -> None:
-        self._evictions.labels(reason=self._evict_v(reason)).inc()
+    def admission_eviction(self, reason: str, count: int = 1) -> None:
+        self._evictions.labels(reason=self._evict_v(reason)).inc(count)
 
     def admission_refusal(self, reason: str) -> None:
         self._refusals.labels(reason=self._refusal_v(reason)).inc()
