@@ -96,10 +96,116 @@ def flood(
     }
 
 
+# --- forged bootstrap INITs (pki: the admission keys are public) --------------------------------
+
+
+class _NoChain:
+    chain = None
+    epoch = -1
+    next = None
+
+
+async def _forge_one(host: str, port: int, source: str, ek: bytes, xpub: bytes) -> str:
+    import dataclasses
+    import uuid
+
+    from gateway.core import labels as L
+    from gateway.core import schedule
+    from gateway.core.admission import Admission
+    from gateway.core.wire import Challenge, FrameBuffer, Init
+    from gateway.crypto import hmac_sha384
+
+    reader, writer = await asyncio.open_connection(host, port, local_addr=(source, 0))
+    fb = FrameBuffer()
+
+    async def frame() -> tuple[Any, bytes, bytes] | None:
+        while (f := fb.next_frame()) is None:
+            data = await reader.read(65536)
+            if not data:
+                return None
+            fb.feed(data)
+        return f
+
+    try:
+        async with asyncio.timeout(10):
+            f = await frame()
+            if f is None or f[0] is not L.FrameType.CHALLENGE:
+                return "no_challenge"
+            adm = Admission(
+                initiator=True,
+                suite=L.SuiteId.MLKEM768_X25519_AES256GCM_SHA384,
+                auth_mode=L.AuthModeId.PKI,
+                qkd_policy=L.QkdPolicyId.REQUIRED,
+                identity="site-a",
+                peer_name="site-b",
+                s0=schedule.psk_secret(None),
+            )
+            writer.write(adm.consume_challenge(Challenge.decode(f[1]), f[2], _NoChain()))
+            f = await frame()
+            if f is None or f[0] is not L.FrameType.ADMIT:
+                return "not_admitted" if f is None else f"hello_{f[0].name.lower()}"
+            unsigned = Init(
+                suite=1,
+                auth_mode=L.AuthModeId.PKI,
+                qkd_policy=L.QkdPolicyId.REQUIRED,
+                qkd_offered=True,
+                qkd_key_id=uuid.uuid4().bytes,  # an ID the attacker saw on the wire or made up
+                nonce=os.urandom(32),
+                initiator="site-a",
+                responder="site-b",
+                kem_public=ek,
+                x25519_public=xpub,
+                admission=b"",
+            )
+            key = schedule.admission_key_pki(1, "site-b")  # public knowledge
+            init = dataclasses.replace(unsigned, admission=hmac_sha384(key, unsigned.core())[:32])
+            writer.write(init.encode())
+            f = await frame()
+            if f is None:
+                return "closed"
+            if f[0] is L.FrameType.RESP:
+                return "resp_signed"
+            if f[0] is L.FrameType.ALERT:
+                return f"alert_{f[1][0]}"
+            return str(f[0].name.lower())
+    except TimeoutError:
+        return "timeout"
+    finally:
+        writer.close()
+
+
+async def forge(host: str, port: int, count: int, addresses: int) -> dict[str, Any]:
+    from gateway.crypto import KemAlg, X25519PrivateKey, get_provider
+
+    ek = get_provider("pyca").kem_keygen(KemAlg.MLKEM768, os.urandom(64)).public_bytes()
+    xpub = X25519PrivateKey(os.urandom(32)).public_bytes()
+    sem = asyncio.Semaphore(32)
+    results: collections.Counter[str] = collections.Counter()
+
+    async def one(n: int) -> None:
+        async with sem:
+            try:
+                src = f"127.0.3.{n % addresses + 1}"
+                results[await _forge_one(host, port, src, ek, xpub)] += 1
+            except OSError as exc:
+                results[f"os_{exc.__class__.__name__}"] += 1
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(one(n) for n in range(count)))
+    return {
+        "forged_inits": count,
+        "addresses": addresses,
+        "seconds": round(time.monotonic() - t0, 3),
+        "answers": dict(results),
+    }
+
+
 # --- one peer link in its own process ----------------------------------------------------------
 
 
-def site_configs(root: Path, kme: Any, port: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def site_configs(
+    root: Path, kme: Any, port: int, auth: str = "psk"
+) -> tuple[dict[str, Any], dict[str, Any]]:
     psk = root / "psk"
     if not psk.exists():
         fd = os.open(psk, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -119,7 +225,17 @@ def site_configs(root: Path, kme: Any, port: int) -> tuple[dict[str, Any], dict[
                     "peer": f"127.0.0.1:{port}",
                     "reconnect_max_seconds": 2.0,
                 },
-                "auth": {"mode": "psk", "psk_file": str(psk), "peer_name": other},
+                "auth": (
+                    {"mode": "psk", "psk_file": str(psk), "peer_name": other}
+                    if auth == "psk"
+                    else {
+                        "mode": "pki",
+                        "cert": str(root / "gw-pki" / f"{site}.crt"),
+                        "key": str(root / "gw-pki" / f"{site}.key"),
+                        "ca": str(root / "gw-pki" / "ca.crt"),
+                        "peer_name": other,
+                    }
+                ),
                 "qkd": {
                     "mode": "required",
                     "source": "etsi014",
@@ -330,8 +446,45 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def forge_phase(
+    root: Path, kme_setup: Any, count: int = 500, addresses: int = 250
+) -> dict[str, Any]:
+    """pki pair with a live session; ``count`` forged bootstrap INITs from ``addresses`` sources."""
+    from gateway.pki import write_gateway_pki
+
+    write_gateway_pki(root, ["site-a", "site-b"])
+    port = _free_port()
+    da, db = site_configs(root, kme_setup, port, auth="pki")
+    b = Peer(db, root, "b-pki")
+    a = Peer(da, root, "a-pki")
+    try:
+        assert a.ask("wait_up")["ok"], "no pki session"
+        before = b.ask("stats")
+        t0 = time.monotonic()
+        out = asyncio.run(forge("127.0.0.1", port, count, addresses))
+        elapsed = time.monotonic() - t0
+        after = b.ask("stats")
+        res = a.ask("cut", 40)  # the real peer still resumes afterwards
+        kme_calls = after["kme_dec_calls"] - before["kme_dec_calls"]
+        sigs = out["answers"].get("resp_signed", 0)
+        return {
+            **out,
+            "responder_dec_keys_calls": kme_calls,
+            "responder_signatures": sigs,
+            "kme_calls_per_forged_init": round(kme_calls / count, 4),
+            "signatures_per_forged_init": round(sigs / count, 4),
+            "budget_refusals": after["budget_refusals"] - before["budget_refusals"],
+            "global_budget": {"burst": 10, "per_second": 2.0},
+            "budget_bound_for_this_run": round(10 + 2.0 * elapsed, 1),
+            "real_peer_resume_after": res,
+        }
+    finally:
+        a.stop()
+        b.stop()
+
+
 def run_matrix(
-    rates: tuple[int, ...], addresses: tuple[int, ...], flood_seconds: float
+    rates: tuple[int, ...], addresses: tuple[int, ...], flood_seconds: float, forge_count: int = 500
 ) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
     from tests.support.kme import start_kme, write_kme_setup
@@ -397,6 +550,9 @@ def run_matrix(
         finally:
             a.stop()
             b.stop()
+        try:
+            forged = forge_phase(root, kme_setup) if forge_count else None
+        finally:
             kme.stop()
     resumed = [p for p in points if p["rate"]]
     return {
@@ -411,6 +567,7 @@ def run_matrix(
         "machine": {"cpus": os.cpu_count(), "shared": True},
         "target": {"resume_seconds_max": 2.0, "qkd_keys_per_resumption": 3},
         "points": points,
+        "forged_pki_inits": forged,
         "summary": {
             "max_resume_seconds": max((p["resume"]["seconds"] for p in resumed), default=None),
             "all_resumed": all(p["resume"]["event"] == "resumed" for p in resumed),
