@@ -367,7 +367,7 @@ async def _peer_main(config_path: str) -> None:
                         "admissions": _metric(body, "qgw_admissions_total"),
                         "evictions": {
                             r: _metric(body, "qgw_admission_evictions_total", reason=r)
-                            for r in ("pool_full", "address_cap", "hello_deadline")
+                            for r in ("pool_full", "pool_busy", "address_cap", "hello_deadline")
                         },
                         "refusals": _metric(body, "qgw_admission_refusals_total"),
                         "budget_refusals": _metric(body, "qgw_admission_budget_refusals_total"),

@@ -300,3 +300,48 @@ async def test_garbage_connections_are_counted_and_summarised_not_logged_each(
         assert _metric(b, "qgw_handshakes_total", result="failed") == 0
     finally:
         await b.stop()
+
+
+# --- honest counts ---------------------------------------------------------------------------
+
+
+async def test_initiator_counts_a_resumption_only_when_the_responder_confirms_it(
+    tmp_path: Path, kme: KmeSetup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The issue saw A count 7 resumptions where B completed 2: A counted on REKEY_RESP. Here B
+    sends REKEY_RESP and then never processes anything again (as if it were evicted)."""
+    from gateway.core.connection import Connection
+
+    da, db = kme_pair(tmp_path, kme)
+    b = Site(db, tmp_path)
+    b.start()
+    await until(lambda: b.link.listen_port is not None)
+    a = Site(da, tmp_path)
+    a.start()
+    try:
+        assert await a.link.wait_up(20)
+        await until(lambda: a.link.status.handshakes == 1 and b.link.is_up(), 20)
+        original_resp = Connection._create_rekey_response
+        original_rx = Connection.receive_data
+
+        def resp_then_deaf(self: Connection, qkd: Any, now: float) -> None:
+            original_resp(self, qkd, now)
+            self.deaf = True  # type: ignore[attr-defined]
+
+        def rx(self: Connection, data: bytes, now: float) -> None:
+            if not getattr(self, "deaf", False):
+                original_rx(self, data, now)
+
+        monkeypatch.setattr(Connection, "_create_rekey_response", resp_then_deaf)
+        monkeypatch.setattr(Connection, "receive_data", rx)
+        cur = a.link._current
+        assert cur is not None
+        cur.writer.transport.abort()
+        await until(lambda: a.link.status.epoch == 1 and a.link.is_up(), 20)  # REKEY_RESP ok
+        assert b.link.status.resumptions == 0
+        assert a.link.status.resumptions == 0
+        assert _metric(a, "qgw_handshakes_total", reason="resumed", result="ok") == 0
+    finally:
+        monkeypatch.undo()
+        await a.stop()
+        await b.stop()
