@@ -326,7 +326,8 @@ async def _peer_main(config_path: str) -> None:
         sys.stdout.write(json.dumps(obj) + "\n")
         sys.stdout.flush()
 
-    while link.listen_port is None and st.gateway.role.value == "responder":
+    role_initiator = st.gateway.role.value == "initiator"
+    while link.listen_port is None and not role_initiator:
         await asyncio.sleep(0.01)
     say({"event": "ready", "port": link.listen_port})
     try:
@@ -334,6 +335,10 @@ async def _peer_main(config_path: str) -> None:
             body = metrics.render().decode()
             if line == "wait_up":
                 ok = await link.wait_up(30)
+                with contextlib.suppress(TimeoutError):  # counted once R's first record arrived
+                    async with asyncio.timeout(10):
+                        while role_initiator and link.status.handshakes == 0:
+                            await asyncio.sleep(0.01)
                 say({"event": "up", "ok": ok})
             elif line == "cut":  # initiator: break the TCP connection, time the resumption
                 before_res = link.status.resumptions

@@ -490,7 +490,7 @@ class PeerLink:
         # responder: connections without a valid HELLO yet, oldest first (the pending pool, §7)
         self._pending: dict[_Pending | _Session, None] = {}
         self._pending_by_source: collections.Counter[str] = collections.Counter()
-        self._listen_sock: socket.socket | None = None
+        self._listen_socks: list[socket.socket] = []
         self._trusted_sources: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.closed_summary = RateLimitedSummary(
             log, "unauthenticated connections closed", interval=SUMMARY_SECONDS
@@ -670,20 +670,29 @@ class PeerLink:
     async def _run_responder(self) -> None:
         host, _, port = self.settings.gateway.listen.rpartition(":")
         loop = asyncio.get_running_loop()
-        family, stype, proto, _, addr = socket.getaddrinfo(
+        infos = socket.getaddrinfo(
             host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.socket(family, stype, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
-        sock.listen(LISTEN_BACKLOG)
-        sock.setblocking(False)
-        self._listen_sock = sock
-        self._listen_port = sock.getsockname()[1]
-        # Our own accept loop: the pool decision (§7) is made on the bare socket, so refusing a
-        # flood connection costs an accept() and a close(), nothing more; only connections that
-        # enter the pool get a transport and a bare _Pending protocol (no task, no streams).
-        loop.add_reader(sock.fileno(), self._on_acceptable)
+        )
+        bound = int(port)
+        seen: set[tuple[int, str | int]] = set()
+        for family, stype, proto, _, addr in infos:  # every address, as asyncio's server does
+            if (family, addr[0]) in seen:
+                continue
+            seen.add((family, addr[0]))
+            sock = socket.socket(family, stype, proto)
+            self._listen_socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and len(infos) > 1:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((addr[0], bound, *addr[2:]))
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+            bound = sock.getsockname()[1]  # port 0: the others share the port chosen first
+            # Our own accept loop: the pool decision (§7) is made on the bare socket, so refusing
+            # a flood connection costs an accept() and a close(), nothing more; only connections
+            # that enter the pool get a transport and a bare _Pending protocol (no task).
+            loop.add_reader(sock.fileno(), self._on_acceptable, sock)
+        self._listen_port = bound
         log.info("listening for the peer gateway on %s:%s", host, self._listen_port)
         self.metrics.set_session("down")
         try:
@@ -695,16 +704,13 @@ class PeerLink:
             self._close_listener()
 
     def _close_listener(self) -> None:
-        sock, self._listen_sock = self._listen_sock, None
-        if sock is not None:
+        socks, self._listen_socks = self._listen_socks, []
+        for sock in socks:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(sock.fileno())
             sock.close()
 
-    def _on_acceptable(self) -> None:
-        sock = self._listen_sock
-        if sock is None:
-            return
+    def _on_acceptable(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         refused: collections.Counter[str] = collections.Counter()
         try:
