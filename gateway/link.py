@@ -65,7 +65,8 @@ PRE_AUTH_IDLE_SECONDS = 5.0  # an unauthenticated connection that goes quiet thi
 # Responder admission pool (docs/protocol.md §7): connections that have not sent a valid HELLO.
 MAX_PENDING_CONNECTIONS = 64  # in all
 MAX_PENDING_PER_ADDRESS = 8  # per source address (TCP has proven it)
-HELLO_DEADLINE_SECONDS = 2.0  # from accept to a valid HELLO (the real peer needs one round trip)
+HELLO_DEADLINE_SECONDS = 2.0
+PRE_HELLO_MAX_BYTES = 1024  # bytes a pending connection may send before its HELLO is valid  # from accept to a valid HELLO (the real peer needs one round trip)
 TRUSTED_SOURCES = 16  # addresses that recently authenticated: evicted last when the pool is full
 LISTEN_BACKLOG = 1024  # asyncio's default of 100 overflows under a connection flood
 CONNECT_ATTEMPT_SECONDS = 0.5  # initiator: first TCP connect attempt (then 1 s, 2 s, ...)
@@ -354,6 +355,7 @@ class _Pending(asyncio.Protocol):
         self.source = source
         self._timer: asyncio.TimerHandle | None = None
         self._done = False  # closed, evicted or handed over
+        self._received = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -373,6 +375,10 @@ class _Pending(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         conn = self.conn
         if conn is None or self._done:
+            return
+        self._received += len(data)
+        if self._received > PRE_HELLO_MAX_BYTES:  # a HELLO is < 200 bytes: bound pool memory
+            self.close(L.Alert.TOO_LARGE, "too many bytes before a valid HELLO")
             return
         try:
             conn.receive_data(data, time.monotonic())

@@ -6,13 +6,15 @@ Each test names the defence it covers; each was checked to fail with that defenc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.core import labels as L
-from gateway.core.admission import Admitted
+from gateway.core import schedule
+from gateway.core.admission import Admission, Admitted
 from gateway.core.connection import (
     Alarm,
     Association,
@@ -126,9 +128,7 @@ def test_resume_hello_proves_the_chain_before_any_kme_call() -> None:
     fake.set_chain(p.assoc_r.epoch, bytes(48))  # right epoch, wrong chain key
     r2 = Connection(p.r.conn.params, p.r.conn.auth, PROVIDER, seeded_rng(8), p.assoc_r)
     challenge = r2.data_to_send()
-    from .pair import Admission, schedule  # the same builder the real initiator uses
-
-    adm = Admission(
+    adm = Admission(  # the same builder the real initiator uses
         initiator=True,
         suite=r2.params.suite,
         auth_mode=p.i.conn.auth.mode,
@@ -285,8 +285,6 @@ def test_hello_mismatch_alerts(field: str) -> None:
     r2.data_to_send()
     values = {"suite": 2, "auth_mode": 1, "qkd_policy": 0, "responder": "site-x"}
     h = Hello(1, 2, 2, L.HelloKind.BOOTSTRAP, 0, "site-a", "site-b", bytes(32))
-    import dataclasses
-
     r2.receive_data(dataclasses.replace(h, **{field: values[field]}).encode(), p.now)
     closed = [e for e in iter(r2.next_event, None) if isinstance(e, Closed)]
     assert closed[0].alert is expect

@@ -345,3 +345,32 @@ async def test_initiator_counts_a_resumption_only_when_the_responder_confirms_it
         monkeypatch.undo()
         await a.stop()
         await b.stop()
+
+
+async def test_pending_connection_cannot_buffer_more_than_a_hello(
+    tmp_path: Path, kme: KmeSetup
+) -> None:
+    """Pool memory is bounded: a frame header announcing 200 KiB before any HELLO is cut off."""
+    _, db = kme_pair(tmp_path, kme)
+    b = Site(db, tmp_path)
+    b.start()
+    try:
+        await until(lambda: b.link.listen_port is not None)
+        reader, writer = await asyncio.open_connection("127.0.0.1", b.link.listen_port)
+        writer.write((200 * 1024).to_bytes(4, "big") + bytes([L.FrameType.HELLO]) + bytes(4000))
+        got = b""
+        async with asyncio.timeout(10):
+            while chunk := await reader.read(4096):
+                got += chunk
+        fb = FrameBuffer()
+        fb.feed(got)
+        frames = []
+        while (f := fb.next_frame()) is not None:
+            frames.append(f)
+        assert frames[0][0] is L.FrameType.CHALLENGE
+        assert frames[-1][0] is L.FrameType.ALERT
+        assert AlertMsg.decode(frames[-1][1]).code == L.Alert.TOO_LARGE
+        assert _metric(b, "qgw_admission_refusals_total", reason="too_large") == 1
+        writer.close()
+    finally:
+        await b.stop()
