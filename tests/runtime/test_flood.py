@@ -374,3 +374,46 @@ async def test_pending_connection_cannot_buffer_more_than_a_hello(
         writer.close()
     finally:
         await b.stop()
+
+
+async def test_forged_pki_inits_from_many_addresses_cost_at_most_the_global_budget(
+    tmp_path: Path, kme: KmeSetup
+) -> None:
+    """pki, live pair, qkd = required: forged bootstrap INITs (public admission keys, made-up key
+    IDs) from 40 addresses; B's dec_keys calls stay within the global budget, no signature."""
+    import time
+
+    from bench.flood_bench import forge
+    from gateway.pki import write_gateway_pki
+
+    write_gateway_pki(tmp_path, ["site-a", "site-b"])
+    da, db = kme_pair(tmp_path, kme)
+    for d, site, other in ((da, "site-a", "site-b"), (db, "site-b", "site-a")):
+        d["auth"] = {
+            "mode": "pki",
+            "cert": str(tmp_path / "gw-pki" / f"{site}.crt"),
+            "key": str(tmp_path / "gw-pki" / f"{site}.key"),
+            "ca": str(tmp_path / "gw-pki" / "ca.crt"),
+            "peer_name": other,
+        }
+    b = Site(db, tmp_path)
+    b.start()
+    await until(lambda: b.link.listen_port is not None)
+    a = Site(da, tmp_path)
+    a.start()
+    try:
+        assert await a.link.wait_up(30)
+        await until(lambda: b.link.is_up(), 20)
+        calls0 = _metric(b, "qgw_kme_request_seconds_count", operation="dec_keys")
+        assert b.link.listen_port is not None
+        t0 = time.monotonic()
+        out = await forge("127.0.0.1", b.link.listen_port, 80, 40)
+        elapsed = time.monotonic() - t0
+        calls = _metric(b, "qgw_kme_request_seconds_count", operation="dec_keys") - calls0
+        assert out["answers"].get("resp_signed", 0) == 0
+        assert 0 < calls <= L.GLOBAL_BOOTSTRAP_BURST + L.GLOBAL_BOOTSTRAP_PER_SECOND * elapsed + 1
+        assert _metric(b, "qgw_admission_budget_refusals_total") == 80 - calls
+        assert a.link.is_up()  # the live session is untouched
+    finally:
+        await a.stop()
+        await b.stop()
