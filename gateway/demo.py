@@ -37,6 +37,7 @@ DEMO_REKEY_SECONDS = 10.0  # a rekey shows within 15 s
 PUBLISH_PER_SECOND = 20
 DRAIN_SECONDS = 15.0
 START_TIMEOUT_SECONDS = 30.0
+AUTH_LABELS = {"pki": "ML-DSA PKI", "psk": "PSK", "wot": "ML-DSA web of trust"}
 
 
 class DemoError(GatewayError):
@@ -72,8 +73,11 @@ def _sum(m: dict[str, float], prefix: str, must: str = "") -> float:
 
 
 class Demo:
-    def __init__(self, root: Path, duration: float | None, rate: int, keep: bool = True) -> None:
+    def __init__(
+        self, root: Path, duration: float | None, rate: int, keep: bool = True, auth: str = "pki"
+    ) -> None:
         self.root = root
+        self.auth = auth
         self.keep = keep
         self.duration = duration
         self.rate = rate
@@ -115,7 +119,7 @@ class Demo:
         raise DemoError(f"timed out waiting for {what} (logs in {self.root})")
 
     def start(self) -> None:
-        res = init_demo(self.root)
+        res = init_demo(self.root, auth=self.auth)
         ports = res.ports
         print(f"demo folder: {self.root}")
         for port in (ports.mqtt_a, ports.mqtt_b):
@@ -263,7 +267,7 @@ class Demo:
         bits = int(_sum(a, "qgw_qkd_key_bits_total") + _sum(b, "qgw_qkd_key_bits_total"))
         print("summary")
         print(
-            f"  suite               {self.suite_label(a)} (AES-256-GCM, HKDF-SHA-384), auth ML-DSA PKI"
+            f"  suite               {self.suite_label(a)} (AES-256-GCM, HKDF-SHA-384), auth {AUTH_LABELS[self.auth]}"
         )
         print(f"  duration            {elapsed:.1f} s")
         print(f"  messages published  {c.published} at site A (QoS 1)")
@@ -297,7 +301,7 @@ class Demo:
 def cmd_demo(args: argparse.Namespace) -> int:
     own = args.dir is None
     root = Path(tempfile.mkdtemp(prefix="qgw-demo-")) if own else Path(args.dir)
-    demo = Demo(root, args.duration, args.rate, keep=args.keep or not own)
+    demo = Demo(root, args.duration, args.rate, keep=args.keep or not own, auth=args.auth)
     try:
         return demo.run()
     finally:
@@ -327,4 +331,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--dir", type=Path, default=None, help="use this folder instead of a temporary one"
     )
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, configs)")
+    p.add_argument(
+        "--auth",
+        choices=list(AUTH_LABELS),
+        default="pki",
+        help="bootstrap authentication: ML-DSA PKI (default), PSK, or web of trust",
+    )
     p.set_defaults(handler=cmd_demo)
