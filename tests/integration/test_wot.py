@@ -13,6 +13,7 @@ from typing import Any
 from gateway.crypto import wot
 from gateway.wot import write_demo_wot
 from tests.conftest import run_qgw
+from tests.integration.test_reload import wait_log
 from tests.support.sites import TwoSites, rule
 
 
@@ -33,7 +34,7 @@ def test_wot_gateways_bootstrap_and_deliver(tmp_path: Path) -> None:
     with _wot_sites(tmp_path) as s:
         r = run_qgw("check-config", "--strict", "--config", str(s.site_config("b")))
         assert r.returncode == 0, r.stdout + r.stderr
-        assert "auth: wot, 4 introducer(s)" in r.stdout
+        assert "auth: wot, 4 introducer(s)" in r.stdout + r.stderr
         s.start()
         assert s.metric("a", "qgw_handshakes_total", result="ok", reason="bootstrap") == 1
         sub = s.client("b", "wot-sub")
@@ -46,38 +47,40 @@ def test_wot_gateways_bootstrap_and_deliver(tmp_path: Path) -> None:
 
 
 def test_revocation_reloaded_on_sighup_refuses_the_next_bootstrap(tmp_path: Path) -> None:
-    """B revokes the full and one marginal endorsement of A's key (2 marginal left < 3): the
-    live session continues; A's next bootstrap is refused with alert 21, counted; clearing the
-    list and reloading again lets A back in."""
+    """A revokes the full and one marginal endorsement of B's key (2 marginal left < 3) and
+    reloads: the live session continues; the next bootstrap (B restarted) is refused by A with
+    alert 21, counted and logged with who vouched and who is missing; clearing the list and
+    reloading again lets the next bootstrap through."""
     env = {"QGW_GATEWAY__RECONNECT_MAX_SECONDS": "1"}
     with _wot_sites(tmp_path, env=env) as s:
         s.start()
-        ends = wot.load_endorsements((s.root / "wot" / "site-a.endorsements.pem").read_bytes())
+        ends = wot.load_endorsements((s.root / "wot" / "site-b.endorsements.pem").read_bytes())
         revoked = s.root / "wot" / "revoked.txt"
         revoked.write_text(
             "".join(f"{wot.endorsement_fingerprint(d)}  # revoked by the test\n" for d in ends[:2])
         )
-        s.signal_gateway("b", signal.SIGHUP)
-        s.wait_metric("b", "qgw_config_reloads_total", lambda v: v == 1, result="ok")
-        assert s.established("b")  # the live session keeps its QKD-authenticated keys
+        s.signal_gateway("a", signal.SIGHUP)
+        s.wait_metric("a", "qgw_config_reloads_total", lambda v: v == 1, result="ok")
+        assert s.established("a")  # the live session keeps its QKD-authenticated keys
 
-        s.kill_gateway("a")
-        s.start_gateway("a")
+        s.kill_gateway("b")
+        s.start_gateway("b")
         s.wait_metric(
-            "b",
+            "a",
             "qgw_handshakes_total",
             lambda v: v >= 1,
             result="failed",
             reason="insufficient_trust",
         )
-        log = s.gateway_log("b")
+        log = wait_log(s, "a", "web of trust: refused")
         assert "vouched: marginal-2 (marginal), marginal-3 (marginal)" in log
         assert "missing: full-1 (full), marginal-1 (marginal)" in log
         assert "revoked (on the local revocation list)" in log
+        assert not s.established("a")
 
         revoked.write_text("# nothing revoked\n")
-        s.signal_gateway("b", signal.SIGHUP)
-        s.wait_metric("b", "qgw_config_reloads_total", lambda v: v == 2, result="ok")
+        s.signal_gateway("a", signal.SIGHUP)
+        s.wait_metric("a", "qgw_config_reloads_total", lambda v: v == 2, result="ok")
         s.wait_established()
         sub = s.client("b", "wot-sub")
         sub.subscribe("wot/#")
