@@ -863,7 +863,7 @@ class Connection:
             return PeerIdentity(self.params.peer_name, "psk")
         try:
             peer = self.auth.verify(certs, self.params.peer_name, sig_role + th, auth)
-        except InsufficientTrust as exc:  # wot: too few endorsements (§3.4, alert 21)
+        except InsufficientTrust as exc:  # wot: too few endorsements (§3.6 W4, alert 21)
             raise _Fail(L.Alert.INSUFFICIENT_TRUST, str(exc)) from exc
         except AuthenticationError as exc:
             raise _Fail(L.Alert.BAD_CERTIFICATE, str(exc)) from exc

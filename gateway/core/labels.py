@@ -90,7 +90,7 @@ class SuiteId(IntEnum):
 class AuthModeId(IntEnum):
     PKI = 0x01
     PSK = 0x02
-    WOT = 0x03  # web of trust: ML-DSA key endorsed by configured introducers (§3.4)
+    WOT = 0x03  # web of trust: ML-DSA key endorsed by configured introducers (§3.6)
 
 
 class QkdPolicyId(IntEnum):

@@ -1,4 +1,4 @@
-"""Web-of-trust endorsements (auth mode ``wot``, docs/protocol.md §3.4): X.509 cross-certificates.
+"""Web-of-trust endorsements (auth mode ``wot``, docs/protocol.md §3.6): X.509 cross-certificates.
 
 An **introducer** is a self-signed ML-DSA-87 certificate (``BasicConstraints(ca=True,
 path_length=0)``, ``keyCertSign``): the same shape as a site CA, made by

@@ -489,3 +489,32 @@ def test_leaked_introducer_and_gateway_keys_do_not_allow_a_rekey(
     attacker.handshake()
     assert not attacker.r.of(HandshakeComplete)
     assert any(c.alert is L.Alert.QKD_UNAVAILABLE for c in attacker.closed())
+
+
+def test_global_budget_bounds_unauthenticated_wot_inits(
+    intros: dict[str, Intro], gws: dict[str, Gw]
+) -> None:
+    """wot INITs are as unauthenticated as pki ones (public admission keys): forged ones from
+    many addresses cost at most the global budget of KME calls and signatures (B3, §3.6)."""
+    from gateway.core.connection import Association, NeedQkdKeysById
+
+    from .pair import split_frames
+
+    ref = _endorsed_pair(intros, gws)
+    rogue_key, rogue_pub = wot.create_gateway_key()
+    rogue = authn(
+        gws["site-a"], [intros["rogue"].endorse("site-a", rogue_pub)], policy(intros), rogue_key
+    )
+    assoc_r = Association()
+    kme_calls = signatures = refused = 0
+    n_addr = L.GLOBAL_BOOTSTRAP_BURST + 15
+    for n in range(n_addr):
+        att = Pair(auth="wot", auths=(rogue, ref.r.conn.auth), assoc_r=assoc_r, seed=100 + n)
+        att.r.conn.source = f"10.0.0.{n}"  # one INIT per address: the per-address bucket allows it
+        att.handshake()
+        assert not att.r.of(HandshakeComplete)
+        kme_calls += len(att.r.of(NeedQkdKeysById))
+        signatures += sum(1 for f in split_frames(att.wire_r2i) if f[4] == L.FrameType.RESP)
+        refused += att.r.conn.stats["global_budget_refusals"]
+    assert kme_calls == signatures == L.GLOBAL_BOOTSTRAP_BURST  # the clock did not move
+    assert refused == n_addr - L.GLOBAL_BOOTSTRAP_BURST
