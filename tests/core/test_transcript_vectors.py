@@ -377,9 +377,12 @@ def test_independent_reference_rebuilds_every_frame_and_value(vec: dict[str, Any
 
 @pytest.mark.parametrize("vec", VECTORS, ids=IDS)
 def test_vectors_cover_bootstrap_two_rekeys_close_and_resumption(vec: dict[str, Any]) -> None:
+    case = next(c for c in CASES if c.name == vec["name"])
     kinds = [(ex["kind"], ex["epoch"], ex["frames"][0]["connection"]) for ex in vec["exchanges"]]
     assert kinds == [("bootstrap", 0, 0), ("rekey", 1, 0), ("rekey", 2, 0), ("rekey", 3, 1)]
-    assert all(ex["inputs"]["qkd_used"] for ex in vec["exchanges"])
+    flags = [(ex["inputs"]["qkd_offered"], ex["inputs"]["qkd_used"]) for ex in vec["exchanges"]]
+    plan = {"both": (True, True), "i_down": (False, False), "r_down": (True, False)}
+    assert flags == [plan[p] for p in case.qkd_plan]
     types = [(r["connection"], r["content_type"]) for r in vec["records"]]
     assert (0, CLOSE) in types
     assert (1, EPOCH_CONFIRM) in types

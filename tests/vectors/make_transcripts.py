@@ -28,6 +28,7 @@ import datetime
 import json
 import random
 import struct
+import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -143,11 +144,28 @@ class ProviderLog:
     signatures: list[dict[str, str]] = field(default_factory=list)
 
 
-class RecordingProvider:
-    """The pyca provider, logging every encapsulation and signature."""
+class NeedFreshCredentials(Exception):
+    """Regenerating: a signature over a new message is needed but the old keys are gone."""
 
-    def __init__(self, inner: Provider, log: ProviderLog) -> None:
+
+class RecordingProvider:
+    """The pyca provider, logging every encapsulation and signature.
+
+    ``reuse`` (the previous file's ``provider_log``) keeps regeneration stable: an
+    encapsulation to the same ML-KEM key and a signature over the same message return the
+    recorded bytes, so an unchanged protocol rewrites the same file.
+    """
+
+    def __init__(
+        self,
+        inner: Provider,
+        log: ProviderLog,
+        reuse: dict[str, list[dict[str, str]]] | None = None,
+    ) -> None:
         self.inner, self.log, self.name = inner, log, "recording-" + inner.name
+        reuse = reuse or {"encapsulations": [], "signatures": []}
+        self._enc_cache = {e["ek_sha384"]: e for e in reuse["encapsulations"]}
+        self._sig_cache = {(g["message"], g["context"]): g for g in reuse["signatures"]}
 
     def kem_algorithms(self) -> frozenset[str]:
         return self.inner.kem_algorithms()
@@ -156,10 +174,14 @@ class RecordingProvider:
         return self.inner.kem_keygen(alg, seed)
 
     def encapsulate(self, alg: KemAlg, public: bytes) -> tuple[bytes, bytes]:
-        ct, ss = self.inner.encapsulate(alg, public)
-        self.log.encapsulations.append(
-            {"ek_sha384": sha384(public).hex(), "ct": ct.hex(), "ss": ss.hex()}
-        )
+        digest = sha384(public).hex()
+        if digest in self._enc_cache:
+            self.inner.encapsulate(alg, public)  # the key must still be well-formed
+            rec = self._enc_cache[digest]
+            ct, ss = bytes.fromhex(rec["ct"]), bytes.fromhex(rec["ss"])
+        else:
+            ct, ss = self.inner.encapsulate(alg, public)
+        self.log.encapsulations.append({"ek_sha384": digest, "ct": ct.hex(), "ss": ss.hex()})
         return ct, ss
 
     def decapsulate(self, key: KemPrivateKey, ciphertext: bytes) -> bytes:
@@ -169,7 +191,13 @@ class RecordingProvider:
         return self.inner.sig_keygen(alg, seed)
 
     def sign(self, key: SigPrivateKey, message: bytes, context: bytes) -> bytes:
-        sig = self.inner.sign(key, message, context)
+        rec = self._sig_cache.get((message.hex(), context.hex()))
+        if rec is not None:
+            sig = bytes.fromhex(rec["signature"])
+        elif key is None:
+            raise NeedFreshCredentials
+        else:
+            sig = self.inner.sign(key, message, context)
         self.log.signatures.append(
             {"message": message.hex(), "context": context.hex(), "signature": sig.hex()}
         )
@@ -210,8 +238,11 @@ class ListKme:
         self._fresh = list(keys)
         self._b: dict[str, bytes] = {}
         self.delivered: list[tuple[str, bytes]] = []
+        self.plan = "both"
 
     def enc_keys(self, n: int) -> list[tuple[str, bytes]] | None:
+        if self.plan == "i_down":
+            return None
         out, self._fresh = self._fresh[:n], self._fresh[n:]
         if len(out) < n:
             raise AssertionError("the scenario used more QKD keys than recorded")
@@ -220,7 +251,7 @@ class ListKme:
         return out
 
     def dec_keys(self, ids: tuple[str, ...]) -> list[tuple[str, bytes]] | None:
-        if any(i not in self._b for i in ids):
+        if self.plan == "r_down" or any(i not in self._b for i in ids):
             return None
         return [(i, self._b.pop(i)) for i in ids]
 
@@ -240,6 +271,10 @@ class Case:
     suite: L.SuiteId
     policy: L.QkdPolicyId
     seed: int
+    # per exchange (bootstrap, rekey 1, rekey 2, resumption): whose KME delivers QKD keys:
+    # "both", "i_down" (the initiator gets none: qkd_offered = 0), "r_down" (the responder
+    # cannot fetch the offered IDs: qkd_used = 0)
+    qkd_plan: tuple[str, str, str, str] = ("both", "both", "both", "both")
 
 
 CASES = (
@@ -257,11 +292,21 @@ CASES = (
         L.QkdPolicyId.REQUIRED,
         SEED + 1,
     ),
+    Case(
+        "psk, ML-KEM-768 (suite 0x01), qkd = preferred: rekey 1 without QKD at the initiator, "
+        "rekey 2 without QKD at the responder",
+        "psk",
+        L.SuiteId.MLKEM768_X25519_AES256GCM_SHA384,
+        L.QkdPolicyId.PREFERRED,
+        SEED + 2,
+        ("both", "i_down", "r_down", "both"),
+    ),
 )
 
 
-def make_config(case: Case) -> dict[str, Any]:
-    """Credentials of a case: a PSK from the seed, or a fresh ML-DSA CA and two certificates."""
+def make_config(case: Case, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Credentials of a case: a PSK from the seed, or an ML-DSA CA and two certificates
+    (those of ``previous`` when it has them, else fresh ones with fresh keys)."""
     cfg: dict[str, Any] = {
         "auth_mode": case.auth,
         "suite": int(case.suite),
@@ -274,6 +319,10 @@ def make_config(case: Case) -> dict[str, Any]:
     if case.auth == "psk":
         cfg["psk"] = random.Random(case.seed ^ 0x5A5A).randbytes(32).hex()
         return cfg
+    if previous and previous.get("ca_pem"):
+        for k in ("ca_pem", "certs_i", "certs_r"):
+            cfg[k] = previous[k]
+        return cfg  # no signing keys: signatures over unchanged messages are reused
     ca_pem, ca_key = x509.create_ca("qgw vectors CA", SigAlg.MLDSA87, 36500, now=WALL_CLOCK)
     cfg["ca_pem"] = ca_pem.decode()
     keys = {}
@@ -342,14 +391,18 @@ def run_scenario(
             rngs=rngs,
         )
         p.now = MONOTONIC_START + 10.0 * n
+        kme.plan = case.qkd_plan[3 * n]
         p.handshake()
         if not p.established():
             raise AssertionError(f"connection {n} did not establish: {p.closed()}")
         _carry(p)
         if n == 0:
-            for _ in range(2):
+            for k in (1, 2):
+                kme.plan = case.qkd_plan[k]
                 p.i.conn.rekey_now(p.now)
                 p.pump()
+                if (p.i.conn.epoch, p.r.conn.epoch) != (k, k):
+                    raise AssertionError(f"rekey {k} did not complete: {p.closed()}")
                 _carry(p)
             p.i.conn.close(p.now)
             p.pump()
@@ -608,10 +661,19 @@ class Annotator:
         )
 
 
-def record_case(case: Case) -> dict[str, Any]:
-    cfg = make_config(case)
+def record_case(case: Case, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Record one case; with ``previous`` (its entry in the old file) reuse what it can."""
+    try:
+        return _record_case(case, previous)
+    except NeedFreshCredentials:
+        assert previous is not None
+        return _record_case(case, {**previous, "config": {}})
+
+
+def _record_case(case: Case, previous: dict[str, Any] | None) -> dict[str, Any]:
+    cfg = make_config(case, previous["config"] if previous else None)
     log = ProviderLog()
-    provider = RecordingProvider(PYCA, log)
+    provider = RecordingProvider(PYCA, log, previous["provider_log"] if previous else None)
     rng_i, rng_r = RecordingRng(case.seed), RecordingRng(case.seed + 1000)
     kme = ListKme(kme_keys(case.seed + 2000))
     frames = run_scenario(case, cfg, provider, (rng_i, rng_r), kme)
@@ -630,17 +692,20 @@ def record_case(case: Case) -> dict[str, Any]:
     }
 
 
-def build() -> dict[str, Any]:
+def build(previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    old = {v["name"]: v for v in (previous or {}).get("vectors", [])}
     return {
-        "source": f"recorded from two gateway.core cores in memory (seeds {SEED}, {SEED + 1}); "
+        "source": f"recorded from two gateway.core cores in memory (seeds {SEED}...); "
         "python -m tests.vectors.make_transcripts; format: docs/protocol.md section 'Test vectors'",
         "notes": "byte strings are lowercase hex; frames are whole frames (u32 length || type || "
         "body) in the order sent; 'inputs' are what a second implementation needs, 'values' "
         "every intermediate it can check",
-        "vectors": [record_case(c) for c in CASES],
+        "vectors": [record_case(c, old.get(c.name)) for c in CASES],
     }
 
 
 if __name__ == "__main__":
-    OUT.write_text(json.dumps(build(), indent=1) + "\n")
+    fresh = "--fresh" in sys.argv  # new certificates, ciphertexts and signatures throughout
+    prev = None if fresh or not OUT.exists() else json.loads(OUT.read_text(encoding="utf-8"))
+    OUT.write_text(json.dumps(build(prev), indent=1) + "\n")
     print(f"wrote {OUT}")
