@@ -346,18 +346,28 @@ def _replay(vec: dict[str, Any]) -> list[list[tuple[str, bytes]]]:
     kme = ListKme([(k["key_ID"], _h(k["key"])) for k in vec["kme_keys"]])
     frames = run_scenario(case, vec["config"], provider, rngs, kme)
     assert rngs[0].left == rngs[1].left == 0, "recorded randomness left over"
+    assert provider.left == 0, "recorded encapsulations or signatures left over"
     return frames
+
+
+REGENERATE = (
+    "the cores' output differs from tests/vectors/transcripts.json; if the protocol change "
+    "is intended, run `python -m tests.vectors.make_transcripts` and review the diff"
+)
 
 
 @pytest.mark.parametrize("vec", VECTORS, ids=IDS)
 def test_cores_reproduce_every_recorded_frame(vec: dict[str, Any]) -> None:
-    frames = _replay(vec)
+    try:
+        frames = _replay(vec)
+    except AssertionError as exc:
+        raise AssertionError(f"{REGENERATE}: {exc}") from exc
     recorded = [[(f["dir"], _h(f["hex"])) for f in c["frames"]] for c in vec["connections"]]
     assert len(frames) == len(recorded)
     for n, (got, want) in enumerate(zip(frames, recorded, strict=True)):
-        assert len(got) == len(want), f"connection {n}: frame count"
+        assert len(got) == len(want), f"connection {n}: frame count; {REGENERATE}"
         for k, (g, w) in enumerate(zip(got, want, strict=True)):
-            assert g == w, f"connection {n} frame {k} ({want[k][1][4]:#x}) differs"
+            assert g == w, f"connection {n} frame {k} ({want[k][1][4]:#x}) differs; {REGENERATE}"
 
 
 @pytest.mark.parametrize("vec", VECTORS, ids=IDS)

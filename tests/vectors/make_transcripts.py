@@ -218,6 +218,8 @@ class ReplayProvider(RecordingProvider):
         self._sig = list(log["signatures"])
 
     def encapsulate(self, alg: KemAlg, public: bytes) -> tuple[bytes, bytes]:
+        if not self._enc:
+            raise AssertionError("the core encapsulated more often than recorded")
         rec = self._enc.pop(0)
         if sha384(public).hex() != rec["ek_sha384"]:
             raise AssertionError("encapsulation to another ML-KEM key than recorded")
@@ -225,10 +227,16 @@ class ReplayProvider(RecordingProvider):
         return bytes.fromhex(rec["ct"]), bytes.fromhex(rec["ss"])
 
     def sign(self, key: SigPrivateKey, message: bytes, context: bytes) -> bytes:
+        if not self._sig:
+            raise AssertionError("the core signed more often than recorded")
         rec = self._sig.pop(0)
         if (message.hex(), context.hex()) != (rec["message"], rec["context"]):
             raise AssertionError("the core signed another message than recorded")
         return bytes.fromhex(rec["signature"])
+
+    @property
+    def left(self) -> int:
+        return len(self._enc) + len(self._sig)
 
 
 class ListKme:
