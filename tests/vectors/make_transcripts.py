@@ -476,7 +476,8 @@ class Annotator:
         self.records: list[dict[str, Any]] = []
 
     def connection(self, n: int, frames: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
-        out, pending = [], {}
+        out: list[dict[str, Any]] = []
+        pending: dict[str, Any] = {}
         for index, (direction, raw) in enumerate(frames):
             ftype = raw[4]
             try:
