@@ -48,7 +48,8 @@ IDS = [v["name"] for v in VECTORS]
 # docs/protocol.md, restated here on purpose (not imported from gateway.core.labels)
 PROTOCOL = b"qgw/1 ML-KEM+X25519+QKD HKDF-SHA384 AES-256-GCM"
 INIT, RESP, CONFIRM, REKEY_INIT, REKEY_RESP, RECORD, ALERT = 1, 2, 3, 4, 5, 0x10, 0x30
-KNOWN_TYPES = {INIT, RESP, CONFIRM, REKEY_INIT, REKEY_RESP, RECORD, ALERT}
+CHALLENGE, HELLO, ADMIT = 6, 7, 8
+KNOWN_TYPES = {INIT, RESP, CONFIRM, REKEY_INIT, REKEY_RESP, CHALLENGE, HELLO, ADMIT, RECORD, ALERT}
 DATA, EPOCH_CONFIRM, CLOSE = 1, 5, 6
 SIG_CTX = b"qgw/1 handshake"
 
@@ -132,13 +133,26 @@ class Reference:
 
     def frames(self, conn: int, frames: list[dict[str, Any]]) -> None:
         pending: dict[str, Any] = {}
+        adm: dict[str, Any] = {}
         for index, f in enumerate(frames):
             raw, direction = _h(f["hex"]), f["dir"]
             ftype = raw[4]
             assert struct.unpack(">I", raw[:4])[0] == len(raw) - 4
             if ftype not in KNOWN_TYPES:
                 continue  # a frame type this reference does not know yet (the replay checks it)
-            if ftype == INIT:
+            if ftype == CHALLENGE:
+                assert direction == "r2i"
+                ex = self.exchanges.pop(0)
+                assert ex["kind"] == "admission"
+                adm = {"ex": ex, "challenge": self.challenge(ex)}
+                built = adm["challenge"]
+            elif ftype == HELLO:
+                assert direction == "i2r"
+                adm["hello"] = built = self.hello(adm["ex"], adm["challenge"])
+            elif ftype == ADMIT:
+                assert direction == "r2i"
+                built = self.admit(adm["ex"], adm["challenge"], adm["hello"])
+            elif ftype == INIT:
                 assert direction == "i2r"
                 ex = self.exchanges.pop(0)
                 assert ex["kind"] == "bootstrap"
@@ -165,6 +179,53 @@ class Reference:
                 raise AssertionError(f"frame type {ftype:#x} in a happy-path transcript")
             assert built == raw, f"connection {conn} frame {index} ({f['type']}) differs"
             self.checked += 1
+
+    # --- admission (§3.5 AD1-AD5) ---
+
+    def challenge(self, ex: dict[str, Any]) -> bytes:
+        return frame(CHALLENGE, bytes([1]) + _h(ex["inputs"]["cookie"]))
+
+    def _admission_keys(self, ex: dict[str, Any]) -> tuple[bytes, bytes]:
+        c, e = self.cfg, ex["epoch"]
+        if self.chain:  # the initiator holds a chain: resume, proven with chain_e
+            assert ex["inputs"]["hello_kind"] == 1
+            ctx = struct.pack(">I", e)
+            return ref_label(self.chain, "resume hello", ctx), ref_label(
+                self.chain, "resume admit", ctx
+            )
+        assert ex["inputs"]["hello_kind"] == 0
+        assert e == 0
+        if self.psk is not None:
+            s0 = ref_extract(sha384(PROTOCOL), self.psk)
+            return ref_label(s0, "bootstrap hello", b""), ref_label(s0, "bootstrap admit", b"")
+        suite = bytes([c["suite"]])
+        return sha384(b"qgw1 mac1" + suite + c["id_r"].encode()), sha384(
+            b"qgw1 mac1" + suite + c["id_i"].encode()
+        )
+
+    def hello(self, ex: dict[str, Any], challenge: bytes) -> bytes:
+        c, e = self.cfg, ex["epoch"]
+        kind = 1 if self.chain else 0
+        core = (
+            bytes([1, c["suite"], 1 if c["auth_mode"] == "pki" else 2, c["qkd_policy"], kind])
+            + struct.pack(">I", e)
+            + vec8(c["id_i"].encode())
+            + vec8(c["id_r"].encode())
+        )
+        k_hello, _ = self._admission_keys(ex)
+        proof = hmac384(k_hello, core + challenge[5 + 1 :])[:32]
+        self.check_values(ex, {"HELLO_core": core, "K_hello": k_hello, "hello_proof": proof})
+        return frame(HELLO, core + proof)
+
+    def admit(self, ex: dict[str, Any], challenge: bytes, hello: bytes) -> bytes:
+        kind = 1 if self.chain else 0
+        core = bytes([kind]) + struct.pack(">I", ex["epoch"])
+        _, k_admit = self._admission_keys(ex)
+        h = sha384(challenge + hello)
+        proof = hmac384(k_admit, h + core)[:32]
+        got = {"H_CHALLENGE_HELLO": h, "ADMIT_core": core, "K_admit": k_admit}
+        self.check_values(ex, got | {"admit_proof": proof})
+        return frame(ADMIT, core + proof)
 
     # --- bootstrap (§3, §4 KS1-KS6) ---
 
@@ -388,14 +449,17 @@ def test_independent_reference_rebuilds_every_frame_and_value(vec: dict[str, Any
 @pytest.mark.parametrize("vec", VECTORS, ids=IDS)
 def test_vectors_cover_bootstrap_two_rekeys_close_and_resumption(vec: dict[str, Any]) -> None:
     case = next(c for c in CASES if c.name == vec["name"])
-    kinds = [(ex["kind"], ex["epoch"], ex["frames"][0]["connection"]) for ex in vec["exchanges"]]
+    exchanges = [ex for ex in vec["exchanges"] if ex["kind"] != "admission"]
+    kinds = [(ex["kind"], ex["epoch"], ex["frames"][0]["connection"]) for ex in exchanges]
     assert kinds == [("bootstrap", 0, 0), ("rekey", 1, 0), ("rekey", 2, 0), ("rekey", 3, 1)]
-    flags = [(ex["inputs"]["qkd_offered"], ex["inputs"]["qkd_used"]) for ex in vec["exchanges"]]
+    admissions = [(ex["epoch"], ex["frames"][0]) for ex in vec["exchanges"] if ex not in exchanges]
+    assert admissions == [(0, {"connection": 0, "frame": 0}), (2, {"connection": 1, "frame": 0})]
+    flags = [(ex["inputs"]["qkd_offered"], ex["inputs"]["qkd_used"]) for ex in exchanges]
     plan = {"both": (True, True), "i_down": (False, False), "r_down": (True, False)}
     assert flags == [plan[p] for p in case.qkd_plan]
     types = [(r["connection"], r["content_type"]) for r in vec["records"]]
     assert (0, CLOSE) in types
     assert (1, EPOCH_CONFIRM) in types
     assert sum(1 for _, t in types if t == DATA) >= 8
-    first = vec["connections"][1]["frames"][0]
-    assert first["type"] == "REKEY_INIT" or _h(first["hex"])[4] not in KNOWN_TYPES
+    first = [f["type"] for f in vec["connections"][1]["frames"][:4]]
+    assert first == ["CHALLENGE", "HELLO", "ADMIT", "REKEY_INIT"]

@@ -42,7 +42,17 @@ from gateway.core import schedule
 from gateway.core.auth import PkiAuthenticator, PskAuthenticator
 from gateway.core.connection import Association
 from gateway.core.records import record_nonce
-from gateway.core.wire import Confirm, Init, RekeyInit, RekeyResp, Resp, vec16
+from gateway.core.wire import (
+    Admit,
+    Challenge,
+    Confirm,
+    Hello,
+    Init,
+    RekeyInit,
+    RekeyResp,
+    Resp,
+    vec16,
+)
 from gateway.credentials import make_verifier
 from gateway.crypto import (
     Aead,
@@ -487,7 +497,13 @@ class Annotator:
             out.append({"dir": direction, "type": name, "hex": raw.hex()})
             where = {"connection": n, "frame": index}
             body = raw[5:]
-            if ftype == L.FrameType.INIT:
+            if ftype == L.FrameType.CHALLENGE:
+                pending = {"CHALLENGE": (raw, Challenge.decode(body), where)}
+            elif ftype == L.FrameType.HELLO:
+                pending["HELLO"] = (raw, Hello.decode(body), where)
+            elif ftype == L.FrameType.ADMIT:
+                self._admission(pending, raw, Admit.decode(body), where)
+            elif ftype == L.FrameType.INIT:
                 pending = {"INIT": (raw, Init.decode(body), where)}
             elif ftype == L.FrameType.RESP:
                 pending["RESP"] = (raw, Resp.decode(body), where)
@@ -500,6 +516,40 @@ class Annotator:
             elif ftype == L.FrameType.RECORD:
                 self._record(direction, raw, where)
         return out
+
+    def _admission(self, pending: dict[str, Any], raw: bytes, a: Admit, where: Any) -> None:
+        """§3.5 AD1..AD5: CHALLENGE, HELLO, ADMIT."""
+        ch_raw, ch, w_ch = pending["CHALLENGE"]
+        hello_raw, h, w_hello = pending["HELLO"]
+        ctx = struct.pack(">I", h.epoch)
+        if h.kind == L.HelloKind.RESUME:
+            k_hello = schedule.expand_label(self.chain, L.L_HELLO_RESUME, ctx)
+            k_admit = schedule.expand_label(self.chain, L.L_ADMIT_RESUME, ctx)
+        elif self.psk is not None:
+            s0 = schedule.psk_secret(self.psk)
+            k_hello = schedule.expand_label(s0, L.L_HELLO_PSK, b"")
+            k_admit = schedule.expand_label(s0, L.L_ADMIT_PSK, b"")
+        else:
+            k_hello = schedule.admission_key_pki(h.suite, h.responder)
+            k_admit = schedule.admission_key_pki(h.suite, h.initiator)
+        h_ch_hello = sha384(ch_raw + hello_raw)
+        self.exchanges.append(
+            {
+                "kind": "admission",
+                "epoch": h.epoch,
+                "frames": [w_ch, w_hello, where],
+                "inputs": {"cookie": ch.cookie.hex(), "hello_kind": int(h.kind)},
+                "values": {
+                    "HELLO_core": h.core().hex(),
+                    "K_hello": k_hello.hex(),
+                    "hello_proof": hmac_sha384(k_hello, h.core() + ch.cookie)[:32].hex(),
+                    "H_CHALLENGE_HELLO": h_ch_hello.hex(),
+                    "ADMIT_core": a.core().hex(),
+                    "K_admit": k_admit.hex(),
+                    "admit_proof": hmac_sha384(k_admit, h_ch_hello + a.core())[:32].hex(),
+                },
+            }
+        )
 
     def _bootstrap(self, pending: dict[str, Any], raw: bytes, c: Confirm, where: Any) -> None:
         init_raw, m, w_init = pending["INIT"]
