@@ -10,6 +10,10 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+# make bench: the C load generator (bench/loadgen.c) and the mosquitto command-line clients
+command -v mosquitto_sub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
+[ -f /usr/include/mosquitto.h ] || need_apt+=(libmosquitto-dev)
+command -v gcc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
 if [ "${#need_apt[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "setup: please install: ${need_apt[*]} (sudo apt-get install ${need_apt[*]})" >&2
