@@ -15,9 +15,8 @@ lint: setup
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy gateway keysource
 
-# Benchmarks (docs/benchmarks.md): the C load generator, every bench/ script (JSON in
-# bench/results/), then the plots, docs/benchmarks.md and the README's performance table.
-# `make bench BENCH_ARGS=--quick` (or `make bench-quick`) for a short run.
+# Benchmarks: build the C load generator (bench/loadgen.c), then run every bench/ script
+# (JSON in bench/results/). `make bench BENCH_ARGS=--quick` (or `make bench-quick`) is short.
 BENCH_ARGS ?=
 CC ?= gcc
 
@@ -26,9 +25,7 @@ bench/build/loadgen: bench/loadgen.c
 	$(CC) -O2 -Wall -Wextra -o $@ $< -lmosquitto -lpthread
 
 bench: setup bench/build/loadgen
-	@.venv/bin/python -c 'import matplotlib' 2>/dev/null || .venv/bin/python -m pip install -q -e '.[bench]'
 	.venv/bin/python bench/run.py $(BENCH_ARGS)
-	.venv/bin/python bench/report.py
 
 bench-quick:
 	$(MAKE) bench BENCH_ARGS=--quick
