@@ -22,7 +22,7 @@ CC ?= gcc
 
 bench/build/loadgen: bench/loadgen.c
 	@mkdir -p bench/build
-	$(CC) -O2 -Wall -Wextra -o $@ $< -lmosquitto -lpthread
+	$(CC) -O2 -Wall -Wextra -o $@ $< -lmosquitto
 
 bench: setup bench/build/loadgen
 	.venv/bin/python bench/run.py $(BENCH_ARGS)

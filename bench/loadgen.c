@@ -26,7 +26,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <mosquitto.h>
-#include <pthread.h>
+#include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -86,61 +86,64 @@ static void usage(void) {
 
 /* ---------------------------------------------------------------- publisher ---------- */
 
-static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t cond = PTHREAD_COND_INITIALIZER;
-static long acked;
-static int connected;
-static int connect_rc = -1;
+/* Single-threaded: libmosquitto's external-loop API (mosquitto_socket, loop_read/_write/_misc)
+ * under our own ppoll() with a nanosecond deadline, so the paced mode wakes exactly when the
+ * next message is due and no per-message thread hand-off or lock costs CPU. */
 
-static void on_connect(struct mosquitto *m, void *u, int rc) {
+struct pub_state {
+    long acked;
+    int connect_rc;
+};
+
+static void pub_on_connect(struct mosquitto *m, void *u, int rc) {
     (void)m;
-    (void)u;
-    pthread_mutex_lock(&lock);
-    connected = rc == 0;
-    connect_rc = rc;
-    pthread_cond_broadcast(&cond);
-    pthread_mutex_unlock(&lock);
+    ((struct pub_state *)u)->connect_rc = rc;
 }
 
-static void on_publish(struct mosquitto *m, void *u, int mid) {
+static void pub_on_publish(struct mosquitto *m, void *u, int mid) {
     (void)m;
-    (void)u;
     (void)mid;
-    pthread_mutex_lock(&lock);
-    acked++;
-    pthread_cond_broadcast(&cond);
-    pthread_mutex_unlock(&lock);
+    ((struct pub_state *)u)->acked++;
 }
 
-static void deadline_in(struct timespec *ts, double seconds) {
-    clock_gettime(CLOCK_REALTIME, ts); /* pthread_cond_timedwait's default clock */
-    long long ns = ts->tv_nsec + (long long)(seconds * 1e9);
-    ts->tv_sec += (time_t)(ns / 1000000000LL);
-    ts->tv_nsec = (long)(ns % 1000000000LL);
+/* wait for socket readiness until deadline_ns (CLOCK_MONOTONIC), then service the socket */
+static void pub_service(struct mosquitto *m, uint64_t deadline_ns) {
+    int fd = mosquitto_socket(m);
+    if (fd < 0) die("socket", MOSQ_ERR_NO_CONN);
+    struct pollfd pfd = {fd, POLLIN, 0};
+    if (mosquitto_want_write(m)) pfd.events |= POLLOUT;
+    uint64_t t = now_ns();
+    uint64_t wait = deadline_ns > t ? deadline_ns - t : 0;
+    struct timespec ts = {(time_t)(wait / 1000000000u), (long)(wait % 1000000000u)};
+    int n = ppoll(&pfd, 1, &ts, NULL);
+    if (n < 0 && errno != EINTR) die("ppoll", MOSQ_ERR_ERRNO);
+    int rc;
+    if (n > 0 && (pfd.revents & (POLLIN | POLLERR | POLLHUP))) {
+        rc = mosquitto_loop_read(m, 1);
+        if (rc) die("read", rc);
+    }
+    if (n > 0 && (pfd.revents & POLLOUT)) {
+        rc = mosquitto_loop_write(m, 1);
+        if (rc) die("write", rc);
+    }
 }
 
 static int run_pub(const struct opts *o) {
+    struct pub_state st = {0, -1};
     char id[64];
     snprintf(id, sizeof id, "loadgen-pub-%u-%d", o->run, (int)getpid());
-    struct mosquitto *m = mosquitto_new(id, true, NULL);
+    struct mosquitto *m = mosquitto_new(id, true, &st);
     if (!m) die("mosquitto_new", MOSQ_ERR_ERRNO);
     mosquitto_int_option(m, MOSQ_OPT_PROTOCOL_VERSION, MQTT_PROTOCOL_V311);
     mosquitto_int_option(m, MOSQ_OPT_SEND_MAXIMUM, (int)o->window);
     mosquitto_int_option(m, MOSQ_OPT_TCP_NODELAY, 1);
-    mosquitto_connect_callback_set(m, on_connect);
-    mosquitto_publish_callback_set(m, on_publish);
+    mosquitto_connect_callback_set(m, pub_on_connect);
+    mosquitto_publish_callback_set(m, pub_on_publish);
     int rc = mosquitto_connect(m, o->host, o->port, 60);
     if (rc) die("connect", rc);
-    rc = mosquitto_loop_start(m);
-    if (rc) die("loop_start", rc);
-    struct timespec dl;
-    deadline_in(&dl, 10.0);
-    pthread_mutex_lock(&lock);
-    while (connect_rc < 0 && pthread_cond_timedwait(&cond, &lock, &dl) != ETIMEDOUT) {
-    }
-    int ok = connected;
-    pthread_mutex_unlock(&lock);
-    if (!ok) {
+    uint64_t dl = now_ns() + 10000000000u;
+    while (st.connect_rc < 0 && now_ns() < dl) pub_service(m, now_ns() + 100000000u);
+    if (st.connect_rc != 0) {
         fprintf(stderr, "loadgen: pub could not connect to %s:%d\n", o->host, o->port);
         return 2;
     }
@@ -153,52 +156,50 @@ static int run_pub(const struct opts *o) {
     memcpy(payload + 4, &o->run, 4);
 
     double cpu0 = cpu_us();
-    uint64_t t0 = now_ns(), first = 0, last = 0;
+    uint64_t t0 = now_ns(), first = 0, last = 0, misc_at = t0;
     long late = 0, sent = 0, errors = 0;
-    for (long i = 0; i < o->count; i++) {
-        if (o->rate > 0) {
-            uint64_t due = t0 + (uint64_t)((double)i * 1e9 / o->rate);
-            uint64_t t = now_ns();
-            if (t < due) {
-                struct timespec ts = {(time_t)(due / 1000000000u), (long)(due % 1000000000u)};
-                while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR) {
-                }
-            } else if (t - due > 1000000u) {
-                late++; /* more than 1 ms behind schedule */
+    uint64_t ack_deadline = 0;
+    for (;;) {
+        uint64_t t = now_ns();
+        /* publish everything that is due and fits in the window (a burst: at most 64 in a row,
+         * then read PUBACKs) */
+        for (int k = 0; k < 64 && sent < o->count; k++) {
+            if (o->qos > 0 && sent - st.acked >= o->window) break;
+            uint64_t due = o->rate > 0 ? t0 + (uint64_t)((double)sent * 1e9 / o->rate) : 0;
+            if (due > t) break;
+            if (due && t - due > 1000000u) late++; /* more than 1 ms behind schedule */
+            uint64_t seq = (uint64_t)sent, ts = now_ns();
+            memcpy(payload + 8, &seq, 8);
+            memcpy(payload + 16, &ts, 8);
+            rc = mosquitto_publish(m, NULL, o->topic, (int)o->size, payload, o->qos, false);
+            if (rc) {
+                if (++errors > 100) die("publish", rc);
+                break;
             }
+            if (sent == 0) first = ts;
+            last = ts;
+            sent++;
+            t = ts;
         }
-        if (o->qos > 0) {
-            pthread_mutex_lock(&lock);
-            while (sent - acked >= o->window) pthread_cond_wait(&cond, &lock);
-            pthread_mutex_unlock(&lock);
+        if (sent >= o->count && (o->qos == 0 || st.acked >= sent)) break;
+        if (sent >= o->count && !ack_deadline) ack_deadline = now_ns() + 60000000000u;
+        if (ack_deadline && now_ns() > ack_deadline) break; /* every PUBACK, at most 60 s */
+        uint64_t until = now_ns() + 1000000000u;
+        int window_open = o->qos == 0 || sent - st.acked < o->window;
+        if (sent < o->count && window_open) {
+            until = o->rate > 0 ? t0 + (uint64_t)((double)sent * 1e9 / o->rate) : now_ns();
         }
-        uint64_t seq = (uint64_t)i, ts = now_ns();
-        memcpy(payload + 8, &seq, 8);
-        memcpy(payload + 16, &ts, 8);
-        rc = mosquitto_publish(m, NULL, o->topic, (int)o->size, payload, o->qos, false);
-        if (rc) {
-            errors++;
-            if (errors > 100) die("publish", rc);
-            i--;
-            usleep(1000);
-            continue;
+        pub_service(m, until);
+        if (now_ns() - misc_at > 1000000000u) {
+            mosquitto_loop_misc(m); /* keepalive */
+            misc_at = now_ns();
         }
-        if (i == 0) first = ts;
-        last = ts;
-        sent++;
     }
-    /* every PUBACK (QoS 1), at most 60 s */
-    deadline_in(&dl, 60.0);
-    pthread_mutex_lock(&lock);
-    while (o->qos > 0 && acked < sent &&
-           pthread_cond_timedwait(&cond, &lock, &dl) != ETIMEDOUT) {
-    }
-    long got_acks = acked;
-    pthread_mutex_unlock(&lock);
     uint64_t done = now_ns();
     double cpu1 = cpu_us();
+    long got_acks = st.acked;
     mosquitto_disconnect(m);
-    mosquitto_loop_stop(m, false);
+    for (int i = 0; i < 10 && mosquitto_want_write(m); i++) pub_service(m, now_ns() + 10000000u);
     mosquitto_destroy(m);
     double span = (double)(last - first) / 1e9;
     printf("{\"role\": \"pub\", \"run\": %u, \"count\": %ld, \"sent\": %ld, \"acked\": %ld, "
@@ -312,7 +313,7 @@ static int run_sub(const struct opts *o) {
     double cpu_ready = 0;
     const char *stop = "timeout";
     for (;;) {
-        rc = mosquitto_loop(m, 50, 1000);
+        rc = mosquitto_loop(m, 50, 1); /* max_packets > 1 spins in loop_write */
         if (rc && rc != MOSQ_ERR_NO_CONN) die("loop", rc);
         uint64_t t = now_ns();
         if (s.subscribed && !ready_at) {
