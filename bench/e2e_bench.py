@@ -62,7 +62,7 @@ RESULTS = HERE / "results"
 PAYLOADS = (100, 1024, 65536)
 FIXED_LOADS = (200, 1000, 5000)  # msg/s, issue 8
 FRACTIONS = (0.5, 0.9)  # of each system's measured max lossless rate
-PROBE_TIMEOUT_SECONDS = 30.0
+PROBE_TIMEOUT_SECONDS = 45.0
 BENCH_REKEY_SECONDS = 120  # production default (the demo's 10 s would put rekeys in every round)
 
 
@@ -243,6 +243,18 @@ class _TunnelDemo(_BenchDemo):
     def start(self) -> None:
         ports = self.res.ports
         self.ports = ports
+        # broker A's own bridge dials gateway A's tunnel listener and retries every second
+        # until the gateways' session carries it (the probe waits for the first message)
+        a = Mosquitto(
+            self.root / f"mosquitto-{ports.mqtt_a}",
+            port=ports.mqtt_a,
+            extra_config=(
+                f"connection qgw-tunnel\naddress 127.0.0.1:{self.tunnel_port}\n"
+                "topic bench/# out 1\ncleansession false\nbridge_protocol_version mqttv311\n"
+                "restart_timeout 1\n"
+            ),
+        ).start()
+        self.brokers.append(a)
         b = Mosquitto(self.root / f"mosquitto-{ports.mqtt_b}", port=ports.mqtt_b).start()
         self.brokers.append(b)
         self._spawn("kme", ["kme", "serve", "--config", str(self.res.kme_config)])
@@ -262,16 +274,6 @@ class _TunnelDemo(_BenchDemo):
                 and _sum(_scrape(self.metrics_b), "qgw_session_state", "state=established") == 1
             ),
         )
-        a = Mosquitto(
-            self.root / f"mosquitto-{ports.mqtt_a}",
-            port=ports.mqtt_a,
-            extra_config=(
-                f"connection qgw-tunnel\naddress 127.0.0.1:{self.tunnel_port}\n"
-                "topic bench/# out 1\ncleansession false\nbridge_protocol_version mqttv311\n"
-                "restart_timeout 1\n"
-            ),
-        ).start()
-        self.brokers.insert(0, a)
 
 
 class QgwTunnel(System):
@@ -591,6 +593,62 @@ def measure_burst(system: System, size: int, plan: Plan) -> dict[str, Any]:
     }
 
 
+def crosscheck_clients(system: System, n: int, rounds: int, timeout: float) -> dict[str, Any]:
+    """The same burst with Debian's mosquitto-clients (``mosquitto_pub -l`` at broker A,
+    ``mosquitto_sub -C N`` at broker B), 100-byte lines: a second instrument for the 100 B
+    row. Rate = N / (subscriber exit - publisher start), so it includes process start-up."""
+    pub_bin, sub_bin = shutil.which("mosquitto_pub"), shutil.which("mosquitto_sub")
+    if not pub_bin or not sub_bin:
+        return {"skipped": "mosquitto-clients not installed"}
+    lines = (b"x" * 99 + b"\n") * n  # 99 characters + newline: 99-byte payloads
+    rates, lost = [], 0
+    for _ in range(rounds):
+        sub = subprocess.Popen(
+            [
+                sub_bin,
+                "-p",
+                str(system.sub_port),
+                "-t",
+                system.topic,
+                "-q",
+                "1",
+                "-C",
+                str(n),
+                "-W",
+                str(int(timeout)),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            time.sleep(0.5)  # mosquitto_sub has no "subscribed" signal
+            t0 = time.monotonic()
+            subprocess.run(
+                [pub_bin, "-p", str(system.pub_port), "-t", system.topic, "-q", "1", "-l"],
+                input=lines,
+                capture_output=True,
+                timeout=timeout,
+                check=False,
+            )
+            out, _ = sub.communicate(timeout=timeout + 10)
+            t1 = time.monotonic()
+        finally:
+            if sub.poll() is None:
+                sub.kill()
+                sub.wait(5)
+        got = out.count(b"\n")
+        lost += max(0, n - got)
+        if got >= n:
+            rates.append(n / (t1 - t0))
+    return {
+        "messages": n,
+        "payload_bytes": 99,
+        "msgs_per_s": round(statistics.median(rates), 1) if rates else 0.0,
+        "rounds_msgs_per_s": [round(r, 1) for r in rates],
+        "lost": lost,
+    }
+
+
 def offered_loads(max_rate: float) -> tuple[dict[int, str], dict[str, str]]:
     """{load: label} to measure and {load: reason} skipped (above the measured max)."""
     loads: dict[int, str] = {}
@@ -643,18 +701,26 @@ def measure_idle(system: System, seconds: float) -> dict[str, float]:
     return {k: round(100 * (c1[k] - c0[k]) / (t1 - t0), 3) for k in c0}
 
 
-def run_system(system: System, payloads: list[int], plan: Plan) -> list[dict[str, Any]]:
+def run_system(system: System, payloads: list[int], plan: Plan, rows: list[dict[str, Any]]) -> None:
+    """Measure ``system`` for every payload; append one row per payload to ``rows`` as soon as
+    it is complete (a failure later keeps the rows already measured)."""
     print(f"== {system.name}: starting", flush=True)
     system.start()
     try:
         probe(system)
         print(f"   idle {plan.idle_seconds:.0f} s", flush=True)
         idle = measure_idle(system, plan.idle_seconds)
-        rows = []
         for size in payloads:
             t = time.monotonic()
             burst = measure_burst(system, size, plan)
             lat = measure_latency(system, size, burst["max_lossless_msgs_per_s"], plan)
+            cross = (
+                crosscheck_clients(
+                    system, burst["burst_messages"], plan.rounds, 30 + 8 * plan.round_seconds
+                )
+                if size == min(payloads)
+                else None
+            )
             rss = {k: rss_kib(pid) for k, pid in system.procs.items()}
             row = {
                 "system": system.name,
@@ -674,6 +740,8 @@ def run_system(system: System, payloads: list[int], plan: Plan) -> list[dict[str
                 "rss_kib": {k: v.get("VmRSS", 0) for k, v in rss.items()},
                 "peak_rss_kib": {k: v.get("VmHWM", 0) for k, v in rss.items()},
             }
+            if cross is not None:
+                row["mosquitto_clients_burst"] = cross
             rows.append(row)
             print(
                 f"   {size:>6} B: max lossless {row['max_lossless_msgs_per_s']:>9.1f} msg/s, "
@@ -681,10 +749,10 @@ def run_system(system: System, payloads: list[int], plan: Plan) -> list[dict[str
                     f"{k}: p50 {v['p50']:.2f} p99 {v['p99']:.2f} ms"
                     for k, v in row["latency_ms"].items()
                 )
+                + (f"; mosquitto_pub/sub {cross.get('msgs_per_s', 0):.0f} msg/s" if cross else "")
                 + f" ({time.monotonic() - t:.0f} s)",
                 flush=True,
             )
-        return rows
     finally:
         system.stop()
 
@@ -720,7 +788,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "mosquitto": mosquitto_version(),
         "openssl": _first_line(["openssl", "version"]),
-        "loadavg_at_start": os.getloadavg()[0],
+        "loadavg_at_start": round(os.getloadavg()[0], 2),
     }
 
 
@@ -766,7 +834,7 @@ def main() -> int:
                 continue
             doc["systems"][name] = {"note": system.note}
             try:
-                doc["rows"] += run_system(system, payloads, plan)
+                run_system(system, payloads, plan, doc["rows"])
             except (LoadgenError, DemoError, OSError, subprocess.SubprocessError) as exc:
                 print(f"== {name}: FAILED: {exc}", flush=True)
                 doc["skipped"].append({"system": name, "reason": f"failed: {exc}"})

@@ -203,6 +203,7 @@ def e2e_lines(e: E2E) -> list[str]:
         out.append("")
     notes = e.doc.get("systems", {})
     if notes:
+        out += ["Systems measured:", ""]
         out += [f"- `{s}`: {v.get('note', '')}" for s, v in notes.items()]
         out.append("")
     out += ["### Max lossless throughput (QoS 1, burst, median of the rounds)", ""]
@@ -235,6 +236,33 @@ def e2e_lines(e: E2E) -> list[str]:
             for s in e.systems
         ],
     )
+    cross = []
+    for s in e.systems:
+        r = e.row(s, e.payloads[0]) if e.payloads else None
+        c = r.get("mosquitto_clients_burst") if r else None
+        if r is None or not c:
+            continue
+        cross.append(
+            [
+                f"`{s}`",
+                f"{fmt(r['max_lossless_msgs_per_s'])} msg/s",
+                c.get("skipped") or f"{fmt(c.get('msgs_per_s'))} msg/s (lost {c.get('lost', 0)})",
+            ]
+        )
+    if cross:
+        out += [
+            "",
+            (
+                "Second instrument, same run: the same burst with Debian's `mosquitto_pub -l` / "
+                "`mosquitto_sub -C N` (99-byte lines; rate from the publisher's start to the "
+                "subscriber's exit, so process start-up is included):"
+            ),
+            "",
+        ]
+        out += table(
+            ["system", f"loadgen, {size_label(e.payloads[0])}", "mosquitto_pub / mosquitto_sub"],
+            cross,
+        )
     out += ["", "![max lossless throughput](../bench/results/throughput.png)", ""]
 
     out += ["### Latency at fixed offered loads, p50 / p99 / p99.9 (ms)", ""]
@@ -290,6 +318,8 @@ def e2e_lines(e: E2E) -> list[str]:
                 ]
             )
     out += table(["system", "payload", "µs per message", "CPU during the burst"], rows)
+    out += ["", "### Are the load generators the bottleneck?", ""]
+    out += bottleneck_lines(e)
     out += ["", "### Idle CPU with an established session, and memory", ""]
     rows = []
     for s in e.systems:
@@ -307,6 +337,47 @@ def e2e_lines(e: E2E) -> list[str]:
     out += table(["system", "idle CPU (% of one core)", "peak RSS after all payloads (MiB)"], rows)
     out.append("")
     return out
+
+
+LOADGEN_LIMIT_PERCENT = 50.0  # a load generator above half a core during a burst is suspect
+
+
+def bottleneck_lines(e: E2E) -> list[str]:
+    """Each load generator's share of one core during each system's bursts, with a verdict."""
+    rows = []
+    worst = 0.0
+    for s in e.systems:
+        for size in e.payloads:
+            r = e.row(s, size)
+            if r is None:
+                continue
+            pct = r.get("burst_cpu_percent", {})
+            pub, sub = pct.get("loadgen-pub"), pct.get("loadgen-sub")
+            if pub is None or sub is None:
+                continue
+            worst = max(worst, pub, sub)
+            busiest = max(
+                ((k, v) for k, v in pct.items() if not k.startswith("loadgen")),
+                key=lambda kv: kv[1],
+                default=("—", 0.0),
+            )
+            rows.append(
+                [
+                    f"`{s}`",
+                    size_label(size),
+                    f"{pub:.0f} % / {sub:.0f} %",
+                    f"{busiest[0]} {busiest[1]:.0f} %",
+                ]
+            )
+    out = table(["system", "payload", "loadgen pub / sub, % of one core", "busiest process"], rows)
+    verdict = (
+        f"No: every load generator stayed below {LOADGEN_LIMIT_PERCENT:.0f} % of one core "
+        f"(at most {worst:.0f} %) during the bursts."
+        if worst < LOADGEN_LIMIT_PERCENT
+        else f"**Possibly**: a load generator reached {worst:.0f} % of one core; that row's "
+        "rate may measure the load generator."
+    )
+    return [*out, "", verdict]
 
 
 def other_lines() -> list[str]:
