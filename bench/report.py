@@ -106,6 +106,7 @@ def plots(e: E2E) -> list[str]:
 
         mpl.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib import ticker
     except ImportError:
         print("matplotlib is missing (pip install 'qgw[bench]'): no plots")
         return []
@@ -131,12 +132,16 @@ def plots(e: E2E) -> list[str]:
             )
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _p: f"{v:,.0f}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _p: f"{v:g}"))
         ax.set_xlabel("offered load, msg/s (QoS 1)")
         ax.set_ylabel("end-to-end latency, ms")
         ax.set_title(f"payload {size_label(size)}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"latency vs offered load ({e.doc.get('date', '')})")
+    noisy = " — noisy run (shared machine or --quick)" if e.noisy() else ""
+    fig.suptitle(f"latency vs offered load, p50 and p99 ({e.doc.get('date', '')}){noisy}")
     fig.tight_layout()
     fig.savefig(RESULTS / "latency.png", dpi=90)
     plt.close(fig)
@@ -153,7 +158,11 @@ def plots(e: E2E) -> list[str]:
     ax.set_xticklabels([size_label(s) for s in e.payloads])
     ax.set_yscale("log")
     ax.set_ylabel("max lossless msg/s (QoS 1, burst, median)")
-    ax.set_title(f"throughput per system and payload ({e.doc.get('date', '')})")
+    ax.set_title(
+        f"max lossless throughput ({e.doc.get('date', '')})"
+        + ("\nnoisy run (shared machine or --quick)" if e.noisy() else ""),
+        fontsize=10,
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(RESULTS / "throughput.png", dpi=90)
