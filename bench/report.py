@@ -59,6 +59,16 @@ def ms(x: float | None) -> str:
     return f"{x:.2f}" if x < 10 else f"{x:.1f}" if x < 100 else f"{x:,.0f}"
 
 
+def mbps(x: float) -> str:
+    return f"{x / 1000:.1f} GB/s" if x >= 1000 else f"{x:,.0f} MB/s"
+
+
+def when(name: str) -> str:
+    """The date a results file says it was measured (or its absence, said plainly)."""
+    d = load(name) or {}
+    return str(d.get("when") or d.get("date") or "undated")
+
+
 def table(head: list[str], rows: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
@@ -419,7 +429,13 @@ def other_lines() -> list[str]:
         out.append("")
     m = load("mqtt_clients.json")
     if m:
-        out += ["### MQTT clients, QoS 1 receive from one broker (`mqtt_clients.json`)", ""]
+        out += [
+            (
+                "### MQTT clients, QoS 1 receive from one broker "
+                f"(`mqtt_clients.json`, {when('mqtt_clients.json')})"
+            ),
+            "",
+        ]
         out += table(
             ["client", "msg/s (median)"],
             [
@@ -431,7 +447,13 @@ def other_lines() -> list[str]:
         out.append("")
     c = load("crypto.json")
     if c:
-        out += [f"### Primitives (`crypto.json`, provider {c.get('provider', '?')})", ""]
+        out += [
+            (
+                f"### Primitives (`crypto.json`, provider {c.get('provider', '?')}, "
+                f"{when('crypto.json')})"
+            ),
+            "",
+        ]
         out += table(
             ["operation", "median µs"],
             [
@@ -562,11 +584,11 @@ def readme_block(e: E2E | None) -> list[str]:
                     "record layer, seal + frame + open through the core",
                     (
                         f"{rec[lo]['core_msgs_per_s']:,.0f} msg/s at {size_label(int(lo))}; "
-                        f"{rec[hi]['core_MB_per_s'] / 1000:.1f} GB/s at {size_label(int(hi))}"
+                        f"{mbps(rec[hi]['core_MB_per_s'])} at {size_label(int(hi))}"
                     ),
                     (
                         f"raw AES-256-GCM {rec[lo]['raw_aesgcm_msgs_per_s']:,.0f} msg/s; "
-                        f"{rec[hi]['raw_aesgcm_MB_per_s'] / 1000:.1f} GB/s"
+                        f"{mbps(rec[hi]['raw_aesgcm_MB_per_s'])}"
                     ),
                 ]
             )
@@ -581,6 +603,9 @@ def readme_block(e: E2E | None) -> list[str]:
             ["QoS 1 receive from one broker, msg/s (`mqtt_clients.json`)", "; ".join(items), "—"]
         )
     out += table(["what", "qgw", "baseline in the same run"], rows)
+    dates = [f"`{n}` {when(n)}" for n in ("protocol.json", "mqtt_clients.json") if load(n)]
+    if dates:
+        out += ["", f"Measured: `e2e.json` {e.doc.get('date', '?')}; " + "; ".join(dates) + "."]
     out.append("")
     return out
 
