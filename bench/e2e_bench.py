@@ -560,16 +560,20 @@ class Plan:
         self.load_max_seconds = 3.0 if quick else 8.0
 
 
-def measure_burst(system: System, size: int, plan: Plan) -> dict[str, Any]:
+def measure_burst(system: System, size: int, plan: Plan, cross: bool) -> dict[str, Any]:
+    """Warm-up, then ``plan.rounds`` bursts; with ``cross``, each loadgen round is followed
+    by the same burst through mosquitto_pub / mosquitto_sub (interleaved, so drift in the
+    machine's load hits both instruments alike)."""
     window = 100 if size > 16384 else 1000
     warm_n = 200 if size > 16384 else 2000
     warm = one_run(system, size, warm_n, window=window)
     rate0 = max(warm["msgs_per_s"], 50.0)
     n = int(min(max(rate0 * plan.round_seconds, 200), 300_000))
-    rounds = [
-        one_run(system, size, n, window=window, expect_seconds=n / rate0)
-        for _ in range(plan.rounds)
-    ]
+    rounds, clients = [], []
+    for _ in range(plan.rounds):
+        rounds.append(one_run(system, size, n, window=window, expect_seconds=n / rate0))
+        if cross:
+            clients.append(crosscheck_clients(system, n, 1, 30 + 8 * n / rate0))
     lossless = [r for r in rounds if r["lost"] == 0]
     return {
         "burst_messages": n,
@@ -590,6 +594,22 @@ def measure_burst(system: System, size: int, plan: Plan) -> dict[str, Any]:
         "duplicates": sum(r["duplicates"] for r in rounds),
         "cpu_us_per_msg": _median_dicts([_per_msg_us(r) for r in rounds]),
         "burst_cpu_percent": _median_dicts([_percent(r) for r in rounds]),
+        "mosquitto_clients_burst": _merge_cross(clients, rounds) if cross else None,
+    }
+
+
+def _merge_cross(clients: list[dict[str, Any]], rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    if any("skipped" in c for c in clients):
+        return {"skipped": clients[0]["skipped"]}
+    rates = [c["msgs_per_s"] for c in clients]
+    ratios = [r["msgs_per_s"] / c for r, c in zip(rounds, rates, strict=True) if c]
+    return {
+        "messages": clients[0]["messages"] if clients else 0,
+        "payload_bytes": 99,
+        "msgs_per_s": round(statistics.median(rates), 1) if rates else 0.0,
+        "rounds_msgs_per_s": rates,
+        "lost": sum(c["lost"] for c in clients),
+        "loadgen_over_clients": round(statistics.median(ratios), 2) if ratios else None,
     }
 
 
@@ -712,15 +732,9 @@ def run_system(system: System, payloads: list[int], plan: Plan, rows: list[dict[
         idle = measure_idle(system, plan.idle_seconds)
         for size in payloads:
             t = time.monotonic()
-            burst = measure_burst(system, size, plan)
+            burst = measure_burst(system, size, plan, cross=size == min(payloads))
             lat = measure_latency(system, size, burst["max_lossless_msgs_per_s"], plan)
-            cross = (
-                crosscheck_clients(
-                    system, burst["burst_messages"], plan.rounds, 30 + 8 * plan.round_seconds
-                )
-                if size == min(payloads)
-                else None
-            )
+            cross = burst["mosquitto_clients_burst"]
             rss = {k: rss_kib(pid) for k, pid in system.procs.items()}
             row = {
                 "system": system.name,
