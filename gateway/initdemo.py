@@ -235,6 +235,7 @@ def site_sections(ports: DemoPorts) -> Sites:
                 "client_id": f"qgw-{site}",
                 "rules": [
                     {
+                        "name": "demo",
                         "pattern": "demo/#",
                         "direction": "both",
                         "qos": 1,

@@ -14,6 +14,10 @@ command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v mosquitto_sub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
 [ -f /usr/include/mosquitto.h ] || need_apt+=(libmosquitto-dev)
 command -v gcc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
+# promtool checks deploy/prometheus/ in the tests (Debian ships it in the prometheus package).
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+# setpriv drops CAP_DAC_OVERRIDE in the credential tests (util-linux, normally present).
+command -v setpriv >/dev/null 2>&1 || need_apt+=(util-linux)
 if [ "${#need_apt[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "setup: please install: ${need_apt[*]} (sudo apt-get install ${need_apt[*]})" >&2

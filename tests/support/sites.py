@@ -463,6 +463,17 @@ class TwoSites:
         """Send ``sig`` (default SIGKILL) to gateway ``site`` and wait for it to exit."""
         return self._terminate(f"gateway-{site}", sig)
 
+    def signal_gateway(self, site: str, sig: int) -> None:
+        """Send ``sig`` (e.g. SIGHUP) to gateway ``site`` without waiting for anything."""
+        p = self._procs[f"gateway-{site}"]
+        assert p.proc.poll() is None, f"gateway-{site} is not running"
+        p.proc.send_signal(sig)
+
+    def gateway_log(self, site: str) -> str:
+        """The log of gateway ``site`` since its last start."""
+        p = self._procs[f"gateway-{site}"]
+        return p.log.read_text(errors="replace").rsplit("===== start", 1)[-1]
+
     def stop_gateway(self, site: str) -> int | None:
         """Graceful stop (SIGTERM); returns the exit code."""
         return self._terminate(f"gateway-{site}", signal.SIGTERM)
