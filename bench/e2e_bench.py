@@ -94,6 +94,15 @@ def snapshot(procs: dict[str, int]) -> dict[str, float]:
     return {name: cpu_seconds(pid) for name, pid in procs.items()}
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent busy so far (/proc/stat "cpu": every field but idle and
+    iowait; guest time is already inside user)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
 # ---------------------------------------------------------------- systems --------------------
 
 
@@ -443,7 +452,7 @@ def one_run(
     run = next(_run_ids)
     timeout = 30.0 + 4 * expect_seconds
     with subscriber(system.sub_port, system.topic, n, run, timeout, 5.0, size) as sub:
-        cpu0 = snapshot(system.procs)
+        cpu0, busy0 = snapshot(system.procs), machine_busy_seconds()
         pub = subprocess.run(
             [
                 str(LOADGEN),
@@ -474,7 +483,7 @@ def one_run(
             out, _ = sub.communicate(timeout=timeout + 10)
         except subprocess.TimeoutExpired as exc:
             raise LoadgenError("subscriber did not finish") from exc
-        cpu1 = snapshot(system.procs)
+        cpu1, busy1 = snapshot(system.procs), machine_busy_seconds()
     p, s = _last_json(pub.stdout), _last_json(out)
     if pub.returncode not in (0, 1):
         raise LoadgenError(f"publisher failed ({pub.returncode}): {pub.stderr[-500:]}")
@@ -489,6 +498,7 @@ def one_run(
         "span_s": span_s,
         "msgs_per_s": s["received"] / span_s if span_s else 0.0,
         "cpu_s": cpu,
+        "machine_busy_s": busy1 - busy0,
     }
 
 
@@ -535,6 +545,19 @@ def _per_msg_us(r: dict[str, Any]) -> dict[str, float]:
     out["loadgen-pub"] = r["pub"]["cpu_us"] / n
     out["loadgen-sub"] = r["sub"]["cpu_us"] / n
     return out
+
+
+def _machine(r: dict[str, Any]) -> dict[str, float]:
+    """Whole-machine CPU during the round, in % of one core: busy in all, by the measured
+    processes (load generators included), and by everything else (other users' work)."""
+    span = r["span_s"] or 1.0
+    ours = sum(r["cpu_s"].values()) + (r["pub"]["cpu_us"] + r["sub"]["cpu_us"]) / 1e6
+    busy = r["machine_busy_s"]
+    return {
+        "busy": 100 * busy / span,
+        "measured_processes": 100 * ours / span,
+        "other": max(0.0, 100 * (busy - ours) / span),
+    }
 
 
 def _percent(r: dict[str, Any]) -> dict[str, float]:
@@ -594,6 +617,7 @@ def measure_burst(system: System, size: int, plan: Plan, cross: bool) -> dict[st
         "duplicates": sum(r["duplicates"] for r in rounds),
         "cpu_us_per_msg": _median_dicts([_per_msg_us(r) for r in rounds]),
         "burst_cpu_percent": _median_dicts([_percent(r) for r in rounds]),
+        "machine_cpu_percent": _median_dicts([_machine(r) for r in rounds]),
         "mosquitto_clients_burst": _merge_cross(clients, rounds) if cross else None,
     }
 
@@ -746,6 +770,7 @@ def run_system(system: System, payloads: list[int], plan: Plan, rows: list[dict[
                 "idle_cpu_percent": idle,
                 "latency_skipped": lat["latency_skipped"],
                 "burst_cpu_percent": burst["burst_cpu_percent"],
+                "machine_cpu_percent": burst["machine_cpu_percent"],
                 "burst_messages": burst["burst_messages"],
                 "window": burst["window"],
                 "rounds": burst["rounds"],

@@ -104,7 +104,10 @@ class E2E:
     def noisy(self) -> bool:
         m = self.doc.get("machine", {})
         la = m.get("loadavg_at_start", 0) if isinstance(m, dict) else 0
-        return bool(self.doc.get("quick")) or la > NOISY_LOADAVG
+        contended = any(
+            r.get("machine_cpu_percent", {}).get("other", 0) > CONTENDED_PERCENT for r in self.rows
+        )
+        return bool(self.doc.get("quick")) or la > NOISY_LOADAVG or contended
 
 
 # ---------------------------------------------------------------- plots ---------------------
@@ -367,6 +370,9 @@ def e2e_lines(e: E2E) -> list[str]:
 
 
 LOADGEN_LIMIT_PERCENT = 50.0  # a load generator above half a core during a burst is suspect
+# CPU used during a burst by processes outside the system under test (from /proc/stat): above
+# a quarter of a core they compete with the system and the row's rate is lowered by them
+CONTENDED_PERCENT = 25.0
 
 
 def bottleneck_lines(e: E2E) -> list[str]:
@@ -388,15 +394,30 @@ def bottleneck_lines(e: E2E) -> list[str]:
                 key=lambda kv: kv[1],
                 default=("—", 0.0),
             )
+            mc = r.get("machine_cpu_percent", {})
+            other = mc.get("other")
+            contended = other is not None and other > CONTENDED_PERCENT
             rows.append(
                 [
                     f"`{s}`",
                     size_label(size),
                     f"{pub:.0f} % / {sub:.0f} %",
                     f"{busiest[0]} {busiest[1]:.0f} %",
+                    "—"
+                    if other is None
+                    else f"{other:.0f} %" + (" (**contended**)" if contended else ""),
                 ]
             )
-    out = table(["system", "payload", "loadgen pub / sub, % of one core", "busiest process"], rows)
+    out = table(
+        [
+            "system",
+            "payload",
+            "loadgen pub / sub, % of one core",
+            "busiest process",
+            "other work on the machine, % of one core",
+        ],
+        rows,
+    )
     verdict = (
         f"No: every load generator stayed below {LOADGEN_LIMIT_PERCENT:.0f} % of one core "
         f"(at most {worst:.0f} %) during the bursts."
@@ -404,7 +425,17 @@ def bottleneck_lines(e: E2E) -> list[str]:
         else f"**Possibly**: a load generator reached {worst:.0f} % of one core; that row's "
         "rate may measure the load generator."
     )
-    return [*out, "", verdict]
+    return [
+        *out,
+        "",
+        verdict,
+        "",
+        (
+            "Other work: whole-machine busy time (`/proc/stat`) minus the measured processes during "
+            f"the bursts (median of the rounds); above {CONTENDED_PERCENT:.0f} % of one core the "
+            "row is marked contended: another workload competed for the cores and lowered the rate."
+        ),
+    ]
 
 
 def other_lines() -> list[str]:
