@@ -137,7 +137,13 @@ class QkdMode(StrEnum):
 
 class QkdSourceKind(StrEnum):
     ETSI014 = "etsi014"
+    SKIP = "skip"
     STATIC = "static"
+
+    @property
+    def over_tls(self) -> bool:
+        """The source talks to a KME / key provider over mutual TLS (cert, key, ca needed)."""
+        return self is not QkdSourceKind.STATIC
 
 
 class QkdSection(Section):
@@ -151,10 +157,13 @@ class QkdSection(Section):
     )
     source: QkdSourceKind = Field(
         QkdSourceKind.ETSI014,
-        description="etsi014: the site's KME; static: a key file (tests only).",
+        description="etsi014: the site's KME over ETSI GS QKD 014; skip: the site's key "
+        "provider over Cisco SKIP (draft-cisco-skip); static: a key file (tests only).",
     )
     kme_url: str = Field(
-        "https://127.0.0.1:8443", description="Base URL of the site's KME (ETSI GS QKD 014, HTTPS)."
+        "https://127.0.0.1:8443",
+        description="Base URL of the site's KME (ETSI GS QKD 014 or SKIP API, HTTPS); for skip, "
+        "sae_id and peer_sae_id are the SKIP system IDs (peer_sae_id = remoteSystemID).",
     )
     sae_id: str = Field("sae-a", min_length=1, max_length=128, description="Our SAE ID at the KME.")
     peer_sae_id: str = Field(
@@ -177,12 +186,14 @@ class QkdSection(Section):
     def _source_fields(self) -> QkdSection:
         if self.mode is QkdMode.OFF:
             return self
-        if self.source is QkdSourceKind.ETSI014:
+        if self.source.over_tls:
             missing = [n for n in ("cert", "key", "ca") if getattr(self, n) is None]
             if missing:
-                raise ValueError(f"qkd.source = 'etsi014' needs {', '.join(missing)}")
+                raise ValueError(f"qkd.source = '{self.source.value}' needs {', '.join(missing)}")
             if not self.kme_url.startswith("https://"):
-                raise ValueError("qkd.kme_url must be https:// (ETSI GS QKD 014 requires TLS)")
+                raise ValueError(
+                    "qkd.kme_url must be https:// (ETSI GS QKD 014 and SKIP require TLS)"
+                )
         elif self.static_file is None:
             raise ValueError("qkd.source = 'static' needs static_file")
         if self.sae_id == self.peer_sae_id:
@@ -466,7 +477,7 @@ def load_settings(path: Path | str, environ: dict[str, str] | None = None) -> Se
 
 
 # QGW_* names that are not configuration: used by the project's own scripts and tests.
-NON_CONFIG_ENV = frozenset({"QGW_UID", "QGW_GID", "QGW_ALLOW_NO_NETNS"})
+NON_CONFIG_ENV = frozenset({"QGW_UID", "QGW_GID", "QGW_ALLOW_NO_NETNS", "QGW_TEST_KEY_SOURCE"})
 
 
 def unknown_env_problems(environ: dict[str, str] | os._Environ[str]) -> list[tuple[str, str]]:
@@ -539,7 +550,7 @@ def referenced_files(s: Settings) -> list[FileRef]:
     else:
         add("auth.psk_file", s.auth.psk_file, True)
     if s.qkd.mode is not QkdMode.OFF:
-        if s.qkd.source is QkdSourceKind.ETSI014:
+        if s.qkd.source.over_tls:
             add("qkd.cert", s.qkd.cert, False)
             add("qkd.key", s.qkd.key, True)
             add("qkd.ca", s.qkd.ca, False)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from gateway.config import AuthMode, QkdMode, QkdSourceKind, Settings, require_files
+from gateway.config import AuthMode, QkdMode, Settings, require_files
 from gateway.core.auth import Authenticator, CertVerifier, PkiAuthenticator, PskAuthenticator
 from gateway.core.labels import PSK_LEN
 from gateway.crypto import Provider, SigAlg, x509
@@ -148,7 +148,7 @@ def kme_tls_context(settings: Settings) -> ssl.SSLContext | None:
     from keysource.tls import client_context  # noqa: PLC0415 -- keysource stays optional here
 
     q = settings.qkd
-    if q.mode is QkdMode.OFF or q.source is not QkdSourceKind.ETSI014:
+    if q.mode is QkdMode.OFF or not q.source.over_tls:
         return None
     assert q.cert is not None
     assert q.key is not None
@@ -168,7 +168,7 @@ def kme_tls_context(settings: Settings) -> ssl.SSLContext | None:
 def kme_certificate_not_after(settings: Settings) -> datetime.datetime | None:
     """Expiry of the KME client certificate (None when no ETSI 014 client is configured)."""
     q = settings.qkd
-    if q.mode is QkdMode.OFF or q.source is not QkdSourceKind.ETSI014 or q.cert is None:
+    if q.mode is QkdMode.OFF or not q.source.over_tls or q.cert is None:
         return None
     pem = read_file("qkd.cert", q.cert)
     return _crypto("qkd.cert", q.cert, lambda: x509.certificate_not_after(pem))
@@ -214,7 +214,9 @@ def check_credentials(
         report.lines.append(f"auth: PSK loaded from {settings.auth.psk_file} (32 bytes)")
     if kme_tls_context(settings) is not None:
         q = settings.qkd
-        report.lines.append(f"qkd: KME client certificate, key and CA load ({q.kme_url})")
+        report.lines.append(
+            f"qkd: {q.source.value} client certificate, key and CA load ({q.kme_url})"
+        )
         try:
             assert q.cert is not None
             not_after = x509.certificate_not_after(read_file("qkd.cert", q.cert))
