@@ -967,22 +967,25 @@ class PeerLink:
         self._set_mode(ev.qkd_used)
         down = None if self._down_since is None else time.monotonic() - self._down_since
         self._down_since = None
-        log.log(
-            logging.INFO if down is None else logging.WARNING,
-            "session %s with %s: epoch %d, %s%s%s",
+        args: tuple[object, ...] = (
             reason,
             ev.peer.name,
             ev.epoch,
             ev.suite,
             "+QKD" if ev.qkd_used else " (no QKD)",
             "" if down is None else f" (restored after {down:.1f} s down)",
-            extra={
-                "event": "session_up",
-                "peer": ev.peer.name,
-                "epoch": ev.epoch,
-                "reason": reason,
-            },
         )
+        fields: dict[str, object] = {
+            "event": "session_up",
+            "peer": ev.peer.name,
+            "epoch": ev.epoch,
+            "reason": reason,
+        }
+        level = logging.INFO if down is None else logging.WARNING
+        if self.role is CoreRole.INITIATOR and s.count_ok is not None:
+            s.up_message = (level, args, fields)  # logged when R confirms (honest state)
+        else:
+            log.log(level, SESSION_UP, *args, extra=fields)
         self._up.set()
 
     def _on_rekey(self, s: _Session, ev: RekeyComplete) -> None:
