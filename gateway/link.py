@@ -1064,15 +1064,22 @@ class PeerLink:
             "alert": ev.alert.name.lower(),
             "reason": ev.reason,
         }
-        hint = PEER_REJECTION_HINTS.get(ev.alert) if ev.by_peer else None
-        if hint is not None and not s.established.is_set():
-            self.metrics.peer_rejection(ev.alert.name.lower())
-            fields["event"] = "peer_rejected"
+        sent = ev.peer_code if ev.by_peer else None
+        peer_alert = (
+            L.Alert(sent) if sent is not None and sent in L.Alert._value2member_map_ else None
+        )
+        hint = PEER_REJECTION_HINTS.get(peer_alert) if peer_alert is not None else None
+        if hint is not None and (not s.established.is_set() or ev.refused_unconfirmed):
+            assert peer_alert is not None
+            name = peer_alert.name.lower()
+            self.metrics.peer_rejection(name)
+            fields.update(event="peer_rejected", alert=name)
             log.warning(
-                "peer rejected us: %s (alert %d): %s",
-                ev.alert.name.lower(),
-                ev.alert,
+                "peer rejected us: %s (alert %d): %s%s",
+                name,
+                peer_alert,
                 hint,
+                "; our side of that bootstrap is discarded" if ev.refused_unconfirmed else "",
                 extra=fields,
             )
             return
