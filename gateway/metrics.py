@@ -238,6 +238,14 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self._rejection_v = _Vocabulary()
+        self._peer_rejections = Counter(
+            "qgw_peer_rejections",
+            "Handshakes the peer refused, by alert (bad_certificate, wrong_identity, "
+            "authentication_failed, admission_failed, *_mismatch, unsupported_version).",
+            ["alert"],
+            registry=r,
+        )
         self._reloads = Counter(
             "qgw_config_reloads",
             "SIGHUP reloads by result (ok|failed; a failed reload keeps the running config).",
@@ -509,6 +517,10 @@ class Metrics:
     def set_peer(self, name: str, address: str) -> None:
         """Declare the configured peer (``qgw_peer_info``)."""
         self._peer_info.labels(peer=name, address=address).set(1)
+
+    def peer_rejection(self, alert: str) -> None:
+        """Count a handshake the peer refused with ``alert`` (e.g. bad_certificate)."""
+        self._peer_rejections.labels(alert=self._rejection_v(alert)).inc()
 
     def config_reload(self, result: str) -> None:
         """Count a SIGHUP reload: ``result`` ok|failed."""
