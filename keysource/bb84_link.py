@@ -121,12 +121,16 @@ class Bb84Link:
         self.phys = settings.physics()
         self.post = PostParams(settings.eps_sec, settings.eps_cor, params.qber_abort_threshold)
         self.up = True
+        # False when a driver (the simulator's ticker) claims and absorbs blocks: then reading
+        # the pools or the snapshot never runs a block inline
+        self.auto_advance = True
         self._last = now
         self._pulse_credit = 0.0
         self._pool_a = bytearray()
         self._pool_b = bytearray()
         self._stats: deque[_Stat] = deque(maxlen=STATS_WINDOW_BLOCKS)
         self._next_index = 0
+        self._pending: list[ClaimedBlock] = []
         self.blocks = 0
         self.aborts = 0
         self.blocks_discarded = 0  # verification mismatch
@@ -237,6 +241,14 @@ class Bb84Link:
             )
         )
 
+    def _claim_all(self, now: float) -> None:
+        self._pending.extend(self.claim(now))
+
+    def drain_pending(self) -> list[ClaimedBlock]:
+        """Blocks claimed by :meth:`set` for the driver to compute (then :meth:`absorb`)."""
+        out, self._pending = self._pending, []
+        return out
+
     def advance(self, now: float) -> None:
         """Run every block due by ``now`` inline (claim, compute, absorb)."""
         for c in self.claim(now):
@@ -245,7 +257,8 @@ class Bb84Link:
     # --- the pools ----------------------------------------------------------------------------
 
     def available_bits(self, now: float) -> int:
-        self.advance(now)
+        if self.auto_advance:
+            self.advance(now)
         return len(self._pool_a) * 8
 
     def stored_key_count(self, now: float) -> int:
@@ -316,7 +329,10 @@ class Bb84Link:
         if distance_km is not None:
             changes["distance_km"] = float(distance_km)
         phys = replace(self.phys, **changes) if changes else self.phys  # validates
-        self.advance(now)
+        if self.auto_advance:
+            self.advance(now)
+        else:
+            self._claim_all(now)  # blocks due before the change keep the old state
         self.phys = phys
         if distance_km is not None:
             self._block_pulses = self._compute_block_pulses()
@@ -344,7 +360,8 @@ class Bb84Link:
 
     def snapshot(self, now: float) -> dict[str, Any]:
         """A JSON-ready view for status_extension and the admin endpoint (no key bytes)."""
-        self.advance(now)
+        if self.auto_advance:
+            self.advance(now)
         w = self.window()
         p = self.phys
 

@@ -750,6 +750,7 @@ class SimulatorRunner:
             )
 
         if self.link is not None and self.link.params.model == "bb84":
+            self.link.auto_advance = False  # type: ignore[union-attr]  # the ticker drives it
             self._ticker = asyncio.create_task(self._bb84_ticker())
 
     async def _bb84_ticker(self) -> None:
@@ -760,7 +761,7 @@ class SimulatorRunner:
         link = self.link
         assert isinstance(link, Bb84Link)
         while True:
-            for claim in link.claim(self.clock()):
+            for claim in [*link.drain_pending(), *link.claim(self.clock())]:
                 try:
                     res = await asyncio.to_thread(compute_block, claim)
                 except Exception:

@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 import pytest
 
@@ -216,7 +217,8 @@ def test_admin_refuses_rate_model_fields_and_bad_values() -> None:
 
 def bb84_toml(setup_path: Path, extra: str = "") -> Path:
     text = setup_path.read_text()
-    text = text.replace("[link]\n", '[link]\nmodel = "bb84"\n', 1)
+    assert 'model = "rate"' in text
+    text = text.replace('model = "rate"', 'model = "bb84"', 1)
     text += "\n[link.bb84]\n" + "\n".join(
         f"{k} = {json.dumps(v)}" for k, v in {**FAST, "seed": 5}.items()
     )
@@ -340,6 +342,39 @@ async def test_etsi014_delivery_fails_when_a_pipeline_stage_is_broken(
         clock.t += link.block_seconds * 1.01
         await wait_blocks(link, 1)
         with pytest.raises(KeyExhausted):
+            await etsi_round(bb84_setup, runner)
+    finally:
+        await runner.stop()
+
+
+async def test_admin_endpoint_switches_the_eavesdropper_and_reports_the_abort(
+    bb84_setup: Any,
+) -> None:
+    clock = FakeClock()
+    runner = SimulatorRunner(bb84_setup.config, "both", clock)
+    await runner.start()
+    try:
+        link = runner.link
+        assert isinstance(link, Bb84Link)
+        admin = f"http://127.0.0.1:{runner.endpoints['B'].admin[1]}"
+        async with aiohttp.ClientSession() as s:
+            async with s.post(admin + "/admin/link", json={"eve_ir_fraction": "x"}) as r:
+                assert r.status == 400
+            async with s.post(admin + "/admin/link", json={"eve_ir_fraction": 1.0}) as r:
+                assert r.status == 200
+                assert (await r.json())["link"]["eve_ir_fraction"] == 1.0
+            clock.t += link.block_seconds * 1.01
+            await wait_blocks(link, 1)
+            async with s.get(admin + "/admin/state") as r:
+                view = (await r.json())["link"]
+        assert view["aborted"] is True
+        assert view["aborts"] == 1
+        assert view["qber"] > 0.2
+        assert view["secret_bps"] == 0
+        assert "QBER" in view["abort_reason"]
+        ext = (await link_status(bb84_setup, runner))["qgw_simulator"]
+        assert ext["aborted"] is True
+        with pytest.raises(KeyExhausted, match="aborted"):
             await etsi_round(bb84_setup, runner)
     finally:
         await runner.stop()

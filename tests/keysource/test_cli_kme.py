@@ -24,7 +24,7 @@ pytestmark = pytest.mark.timeout(120)
 
 def init_demo(tmp_path: Path) -> KmeSetup:
     d = tmp_path / "demo"
-    r = run_qgw("init-demo", str(d))
+    r = run_qgw("init-demo", str(d), "--link-model", "rate")  # rate: admin changes act at once
     assert r.returncode == 0, r.stderr
     return KmeSetup(d, d / "kme.toml", load_kme_config(d / "kme.toml"))
 
@@ -43,7 +43,7 @@ def test_init_demo_writes_complete_private_files_and_valid_configs(tmp_path: Pat
         r = run_qgw("check-config", "--strict", "--config", str(d / f"{site}.toml"))
         assert r.returncode == 0, r.stderr
         assert "kme-pki/sae-" in (d / f"{site}.toml").read_text()  # relative paths
-    r = run_qgw("init-demo", str(d))
+    r = run_qgw("init-demo", str(d), "--link-model", "rate")  # rate: admin changes act at once
     assert r.returncode == 2
     assert "--force" in r.stderr
 
