@@ -81,6 +81,7 @@ class ClaimedBlock:
     phys: Bb84Params
     post: PostParams
     rng: np.random.Generator
+    generation: int = 0  # flush generation at claim time: a later flush drops its key
 
     def __repr__(self) -> str:
         return f"ClaimedBlock(index={self.index}, pulses={self.pulses})"
@@ -131,12 +132,14 @@ class Bb84Link:
         self._stats: deque[_Stat] = deque(maxlen=STATS_WINDOW_BLOCKS)
         self._next_index = 0
         self._pending: list[ClaimedBlock] = []
+        self._generation = 0  # + 1 on every flush
         self.blocks = 0
         self.aborts = 0
         self.blocks_discarded = 0  # verification mismatch
         self.blocks_skipped = 0  # link time not simulated (CPU starved)
         self.bits_generated = 0  # handed out
         self.bits_overflow = 0  # distilled while the pools were full (dropped)
+        self.bits_flushed = 0  # distilled from blocks claimed before a flush (dropped)
         self.last_abort_reason = ""
         self.last_qber: float | None = None
         self.last_seconds: dict[str, float] = {}
@@ -186,6 +189,7 @@ class Bb84Link:
             phys=self.phys,
             post=self.post,
             rng=np.random.default_rng(seed),
+            generation=self._generation,
         )
         self._next_index += 1
         if count_time:
@@ -216,11 +220,16 @@ class Bb84Link:
         if res.secret_bits:
             outcome = "key"
             self.last_abort_reason = ""
-            room = max(0, self.capacity_bits - len(self._pool_a) * 8) // 8
+            flushed = claim.generation != self._generation
+            room = 0 if flushed else max(0, self.capacity_bits - len(self._pool_a) * 8) // 8
             ka, kb = np.packbits(res.key_a).tobytes(), np.packbits(res.key_b).tobytes()
             self._pool_a += ka[:room]
             self._pool_b += kb[:room]
-            self.bits_overflow += (len(ka) - min(room, len(ka))) * 8
+            dropped = (len(ka) - min(room, len(ka))) * 8
+            if flushed:
+                self.bits_flushed += dropped
+            else:
+                self.bits_overflow += dropped
         elif _is_security_abort(res):
             outcome = "abort"
             self.aborts += 1
@@ -338,9 +347,10 @@ class Bb84Link:
             self._block_pulses = self._compute_block_pulses()
         if up is not None:
             self.up = up
-        if flush:
+        if flush:  # also the key of blocks claimed but not yet absorbed
             self._pool_a.clear()
             self._pool_b.clear()
+            self._generation += 1
 
     # --- views --------------------------------------------------------------------------------
 
@@ -397,4 +407,5 @@ class Bb84Link:
             "stored_key_count": bits // self.params.key_size,
             "bits_generated": self.bits_generated,
             "bits_overflow": self.bits_overflow,
+            "bits_flushed": self.bits_flushed,
         }

@@ -53,7 +53,9 @@ def toeplitz_hash(x: Bits, seed: Bits, m: int) -> Bits:
         raise ValueError("Toeplitz seed must have n + m - 1 bits")
     if m <= TOEPLITZ_ROWS_DIRECT:
         return _toeplitz_rows(x, seed, m)
-    size = 1 << (n + len(seed) - 1).bit_length()
+    # a circular convolution of size >= n + m - 1 leaves entries n-1 .. n+m-2 unaliased (the
+    # wrapped terms y[k + size] lie beyond the linear convolution's last index 2n + m - 3)
+    size = 1 << (n + m - 2).bit_length()
     conv = np.fft.irfft(
         np.fft.rfft(seed.astype(np.float64), size) * np.fft.rfft(x.astype(np.float64), size), size
     )[n - 1 : n - 1 + m]

@@ -194,6 +194,21 @@ def test_down_link_and_clock_going_back_run_no_blocks_and_starvation_is_counted(
     assert ln.blocks_skipped == 20 - ln.settings.max_blocks_per_advance
 
 
+def test_flush_also_drops_the_key_of_blocks_still_being_computed() -> None:
+    ln = new_link()
+    ln.auto_advance = False  # as under the simulator's ticker
+    (claim,) = ln.claim(ln.block_seconds * 1.01)
+    res = compute_block(claim)  # "in the worker thread"
+    ln.set(ln.block_seconds * 1.01, flush=True, eavesdropper=True)
+    ln.absorb(claim, res)
+    assert res.secret_bits > 0
+    assert ln.available_bits(ln.block_seconds * 1.01) == 0
+    assert ln.snapshot(ln.block_seconds * 1.01)["bits_flushed"] == res.secret_bits
+    (later,) = ln.drain_pending() or ln.claim(ln.block_seconds * 2.02)
+    ln.absorb(later, compute_block(later))
+    assert ln.aborted  # claimed after the change: Eve's block
+
+
 def test_initial_keys_are_precomputed_by_the_pipeline() -> None:
     ln = make_link(params(initial_keys=20), now=0.0)
     assert isinstance(ln, Bb84Link)
