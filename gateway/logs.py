@@ -70,7 +70,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key in ("site", "peer", "event", "reason"):
+        for key in ("site", "peer", "event", "epoch", "reason", "alert", "rule"):
             if hasattr(record, key):
                 obj[key] = getattr(record, key)
         if record.exc_text:

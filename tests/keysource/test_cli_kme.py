@@ -43,7 +43,7 @@ def test_init_demo_writes_complete_private_files_and_valid_configs(tmp_path: Pat
         r = run_qgw("check-config", "--strict", "--config", str(d / f"{site}.toml"))
         assert r.returncode == 0, r.stderr
         assert "kme-pki/sae-" in (d / f"{site}.toml").read_text()  # relative paths
-    r = run_qgw("init-demo", str(d), "--link-model", "rate")  # rate: admin changes act at once
+    r = run_qgw("init-demo", str(d))
     assert r.returncode == 2
     assert "--force" in r.stderr
 
