@@ -97,6 +97,9 @@ MESSAGE_RESULTS = ("forwarded", "delivered", "dropped")
 RECORD_DIRECTIONS = ("sent", "received")
 HANDSHAKE_RESULTS = ("ok", "failed")
 REKEY_RESULTS = ("ok", "failed")
+ADMISSION_KINDS = ("resume", "bootstrap")
+ADMISSION_RESULTS = ("authenticated", "unauthenticated")  # proof under a secret, or public only
+EVICTION_REASONS = ("pool_full", "pool_busy", "address_cap", "hello_deadline", "shutdown")
 #: Alarms the runtime is expected to raise (others are accepted, bounded).
 ALARMS = ("qkd_unavailable", "qkd_mode_downgrade", "kme_unreachable")
 BRIDGE_EVENTS = (
@@ -273,6 +276,45 @@ class Metrics:
             registry=r,
         )
 
+        # -- admission (docs/protocol.md §3.5, §7) ------------------------------------------
+        self._adm_kind_v = _Vocabulary(ADMISSION_KINDS)
+        self._adm_result_v = _Vocabulary(ADMISSION_RESULTS)
+        self._admissions = Counter(
+            "qgw_admissions",
+            "Connections admitted after a valid HELLO, by kind (resume|bootstrap) and result "
+            "(authenticated: proof under the chain key or PSK; unauthenticated: pki bootstrap).",
+            ["kind", "result"],
+            registry=r,
+        )
+        self._evict_v = _Vocabulary(EVICTION_REASONS)
+        self._evictions = Counter(
+            "qgw_admission_evictions",
+            "Connections the responder closed before a valid HELLO, by reason: pool_full (an "
+            "older pending one evicted), pool_busy / address_cap (a new one refused at accept), "
+            "hello_deadline.",
+            ["reason"],
+            registry=r,
+        )
+        self._refusal_v = _Vocabulary()
+        self._refusals = Counter(
+            "qgw_admission_refusals",
+            "Connections refused before they were authenticated, by alert name "
+            "(e.g. admission_failed, no_session, decode_error, rate_limited).",
+            ["reason"],
+            registry=r,
+        )
+        self._budget_refusals = Counter(
+            "qgw_admission_budget_refusals",
+            "Unauthenticated bootstrap INITs refused by the global budget on KME calls and "
+            "signatures (pki mode).",
+            registry=r,
+        )
+        self._pending = Gauge(
+            "qgw_admission_pending_connections",
+            "Connections waiting for a valid HELLO (the bounded pending pool).",
+            registry=r,
+        )
+
         # -- QKD and the KME -------------------------------------------------------------
         self._role_v = _Vocabulary(QKD_ROLES)
         self._qkd_keys = Counter(
@@ -392,6 +434,11 @@ class Metrics:
             self._qkd_bits.labels(role=role)
         for res in REKEY_RESULTS:
             self._rekeys.labels(result=res)
+        for k in ADMISSION_KINDS:
+            for res in ADMISSION_RESULTS:
+                self._admissions.labels(kind=k, result=res)
+        for reason in EVICTION_REASONS:
+            self._evictions.labels(reason=reason)
         for d in RECORD_DIRECTIONS:
             self._records.labels(direction=d)
             self._bytes.labels(direction=d)
@@ -480,6 +527,25 @@ class Metrics:
         self.kme_reachable = stored_keys is not None
         self.kme_stored_keys = stored_keys
         self._kme_stored.set(math.nan if stored_keys is None else stored_keys)
+
+    def admission(self, kind: str, authenticated: bool) -> None:
+        """Count one admitted connection (AD4)."""
+        self._admissions.labels(
+            kind=self._adm_kind_v(kind),
+            result=self._adm_result_v("authenticated" if authenticated else "unauthenticated"),
+        ).inc()
+
+    def admission_eviction(self, reason: str, count: int = 1) -> None:
+        self._evictions.labels(reason=self._evict_v(reason)).inc(count)
+
+    def admission_refusal(self, reason: str) -> None:
+        self._refusals.labels(reason=self._refusal_v(reason)).inc()
+
+    def admission_budget_refusal(self, count: int = 1) -> None:
+        self._budget_refusals.inc(count)
+
+    def set_pending_connections(self, n: int) -> None:
+        self._pending.set(n)
 
     def rekey(self, result: str) -> None:
         """Count a rekey: ``result`` ok|failed."""
