@@ -67,13 +67,70 @@ def _scrape(url: str) -> dict[str, float]:
     return out
 
 
+def _link_state(url: str) -> dict[str, Any]:
+    """The KME simulator's view of the QKD link (GET /admin/state), {} if unreachable."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 -- our own loopback endpoint
+            state = json.loads(r.read())
+    except (OSError, ValueError):
+        return {}
+    link = state.get("link") if isinstance(state, dict) else None
+    return link if isinstance(link, dict) else {}
+
+
+def _set_link(url: str, changes: dict[str, Any]) -> dict[str, Any]:
+    req = urllib.request.Request(  # noqa: S310 -- our own loopback endpoint
+        url, data=json.dumps(changes).encode(), method="POST"
+    )
+    req.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(req, timeout=5) as r:  # noqa: S310
+        state = json.loads(r.read())
+    return state.get("link", {}) if isinstance(state, dict) else {}
+
+
+def link_label(link: dict[str, Any]) -> str:
+    """``QKD link QBER 1.6%, secret 4.1 kbit/s`` (or ABORTED and why) from /admin/state."""
+    if not link:
+        return "QKD link ?"
+    q = link.get("qber")
+    qber = f"QBER {q:.1%}" if isinstance(q, int | float) else "QBER -"
+    bps = link.get("secret_bps", link.get("rate_bps", 0.0)) or 0.0
+    rate = f"{bps / 1000:.1f} kbit/s" if bps >= 1000 else f"{bps:.0f} bit/s"
+    if not link.get("link_up", True):
+        return "QKD link DOWN"
+    if link.get("aborted"):
+        return f"QKD link ABORTED ({qber}, aborts {link.get('aborts', 0)}), secret {rate}"
+    return f"QKD link {qber}, secret {rate}"
+
+
+def _alarms(m: dict[str, float]) -> list[str]:
+    out = []
+    for k, v in m.items():
+        if k.startswith("qgw_qkd_alarm{") and v == 1 and "reason=" in k:
+            out.append(k.split("reason=", 1)[1].split(",", 1)[0].rstrip("}"))
+    return sorted(out)
+
+
 def _sum(m: dict[str, float], prefix: str, must: str = "") -> float:
     return sum(v for k, v in m.items() if k.startswith(prefix + "{") and must in k)
 
 
 class Demo:
-    def __init__(self, root: Path, duration: float | None, rate: int, keep: bool = True) -> None:
+    def __init__(
+        self,
+        root: Path,
+        duration: float | None,
+        rate: int,
+        *,
+        keep: bool = True,
+        eve_at: float | None = None,
+        eve_fraction: float = 1.0,
+        eve_for: float | None = None,
+    ) -> None:
         self.root = root
+        self.eve_off_at = None if eve_at is None or eve_for is None else eve_at + eve_for
+        self.eve_at = eve_at
+        self.eve_fraction = eve_fraction
         self.keep = keep
         self.duration = duration
         self.rate = rate
@@ -115,8 +172,10 @@ class Demo:
         raise DemoError(f"timed out waiting for {what} (logs in {self.root})")
 
     def start(self) -> None:
-        res = init_demo(self.root)
+        res = init_demo(self.root, link_model="bb84")
         ports = res.ports
+        self.kme_state = f"http://127.0.0.1:{ports.kme_a_admin}/admin/state"
+        self.kme_link = f"http://127.0.0.1:{ports.kme_a_admin}/admin/link"
         print(f"demo folder: {self.root}")
         for port in (ports.mqtt_a, ports.mqtt_b):
             b = Mosquitto(self.root / f"mosquitto-{port}", port=port)
@@ -203,10 +262,12 @@ class Demo:
             delivered = len(c.received)
         rate = delivered / elapsed if elapsed >= 1.0 else 0.0  # no rate from the first instant
         up = "up" if _sum(a, "qgw_session_state", "state=established") == 1 else "DOWN"
+        alarms = sorted(set(_alarms(a)) | set(_alarms(b)))
         return (
             f"[{elapsed:5.0f}s] session {up}, epoch {epoch} ({self.suite_label(a)}), rekeys {rekeys}, "
-            f"last rekey {age:4.1f}s ago | QKD keys used {keys} | published {c.published}, "
-            f"delivered {delivered} ({rate:.1f} msg/s)"
+            f"last rekey {age:4.1f}s ago | {link_label(_link_state(self.kme_state))} | "
+            f"QKD keys used {keys}{' | ALARM ' + ','.join(alarms) if alarms else ''} | "
+            f"published {c.published}, delivered {delivered} ({rate:.1f} msg/s)"
         )
 
     def suite_label(self, a: dict[str, float]) -> str:
@@ -230,6 +291,13 @@ class Demo:
                 pub.publish(f"demo/sensors/{n % 4}", payload, qos=1)
                 self.counts.published += 1
                 n += 1
+                if self.eve_at is not None and now - started >= self.eve_at:
+                    self.eve_at = None
+                    self.switch_eve_on(tty)
+                if self.eve_off_at is not None and now - started >= self.eve_off_at:
+                    self.eve_off_at = None
+                    _set_link(self.kme_link, {"eve_ir_fraction": 0.0})
+                    print(("\n" if tty else "") + "eavesdropper OFF", flush=True)
                 if now >= next_status:
                     line = self.status_line(now - started)
                     print(
@@ -247,6 +315,20 @@ class Demo:
         while time.monotonic() < deadline and len(self.counts.received) < self.counts.published:
             time.sleep(0.1)
         return self.summary(elapsed, pub, sub)
+
+    def switch_eve_on(self, tty: bool) -> None:
+        """Intercept-resend on ``eve_fraction`` of the pulses, via the KME admin endpoint.
+
+        The pools are emptied as well: key distilled before the abort is still secure and a
+        KME would keep serving it, so without this the gateways' alarm would only come once
+        the pool (100 keys here) has been used up."""
+        _set_link(self.kme_link, {"eve_ir_fraction": self.eve_fraction, "flush": True})
+        print(
+            ("\n" if tty else "")
+            + f"eavesdropper ON: intercept-resend on {self.eve_fraction:.0%} of the pulses "
+            "(KME pools emptied); watch the QBER, the abort and the gateways' alarm",
+            flush=True,
+        )
 
     def summary(self, elapsed: float, pub: paho.Client, sub: paho.Client) -> int:
         a, b = _scrape(self.metrics_a), _scrape(self.metrics_b)
@@ -274,6 +356,11 @@ class Demo:
         print(
             f"  QKD keys consumed   {keys_a} at A (enc_keys) + {keys_b} at B (dec_keys), {bits} bits in all"
         )
+        link = _link_state(self.kme_state)
+        print(
+            f"  QKD link            {link.get('preset', '?')} preset, {link.get('distance_km', '?')} km, "
+            f"{link.get('blocks', 0)} blocks, {link.get('aborts', 0)} aborted; {link_label(link)}"
+        )
         print(
             f"  logs                {self.root if self.keep else '(removed at exit; --keep keeps them)'}"
         )
@@ -297,7 +384,15 @@ class Demo:
 def cmd_demo(args: argparse.Namespace) -> int:
     own = args.dir is None
     root = Path(tempfile.mkdtemp(prefix="qgw-demo-")) if own else Path(args.dir)
-    demo = Demo(root, args.duration, args.rate, keep=args.keep or not own)
+    demo = Demo(
+        root,
+        args.duration,
+        args.rate,
+        keep=args.keep or not own,
+        eve_at=args.eve_at,
+        eve_fraction=args.eve_fraction,
+        eve_for=args.eve_for,
+    )
     try:
         return demo.run()
     finally:
@@ -327,4 +422,25 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--dir", type=Path, default=None, help="use this folder instead of a temporary one"
     )
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, configs)")
+    p.add_argument(
+        "--eve-at",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="switch an intercept-resend eavesdropper on after SECONDS (QBER -> abort -> alarm)",
+    )
+    p.add_argument(
+        "--eve-fraction",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="fraction of the pulses Eve intercepts with --eve-at (default 1)",
+    )
+    p.add_argument(
+        "--eve-for",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="switch the eavesdropper off again after SECONDS (default: stays on)",
+    )
     p.set_defaults(handler=cmd_demo)
