@@ -18,15 +18,17 @@ from collections import Counter
 from pathlib import Path
 
 from gateway.bridge.bridge import Bridge
-from gateway.config import QkdMode, Settings, load_settings, require_files
+from gateway.config import QkdMode, Role, Settings, load_settings, require_files
 from gateway.credentials import load_authenticator
 from gateway.crypto import get_provider
-from gateway.errors import BrokerUnavailable
+from gateway.errors import BrokerUnavailable, ConfigError
 from gateway.health import HttpServer, start_http
 from gateway.link import PeerLink
 from gateway.logs import register_secret, setup_logging
 from gateway.metrics import Metrics
 from gateway.peer_transport import SecureTransport
+from gateway.tunnel.messages import is_tunnel_payload
+from gateway.tunnel.sockets import TunnelService
 from keysource import from_settings
 from keysource.base import KeySource
 
@@ -57,14 +59,25 @@ class Gateway:
         self.transport = SecureTransport(self._send)
         self.bridge = Bridge(settings.mqtt, settings.gateway.site_id, self.transport)
         self.transport.attach(self.bridge.deliver)
+        # Tunnel mode ([[tunnel]]): always present, so that an OPEN for a name this gateway
+        # does not serve is refused and counted even when it has no tunnels at all.
+        self.tunnels = TunnelService(
+            settings.tunnel,
+            initiator=settings.gateway.role is Role.INITIATOR,
+            send=self._send,
+            is_up=self._link_is_up,
+        )
+        self.metrics.attach_tunnels(self.tunnels.report)
+        # The MQTT bridge runs when rules are configured, or when there is nothing else to do.
+        self.bridge_enabled = bool(settings.mqtt.rules) or not settings.tunnel
         self.link = PeerLink(
             settings,
             auth=self.auth,
             provider=self.provider,
             keysource=self.keysource,
             metrics=self.metrics,
-            on_message=self.transport.on_payload,
-            on_down=self.transport.link_down,
+            on_message=self._route,
+            on_down=self._link_down,
         )
         self.http: HttpServer | None = None
         self._seen: Counter[tuple[str, ...]] = Counter()  # last total copied, per counter
@@ -72,14 +85,40 @@ class Gateway:
     async def _send(self, payload: bytes, via: object | None) -> None:
         await self.link.send(payload, via)
 
+    def _link_is_up(self) -> bool:
+        return self.link.is_up()
+
+    async def _route(self, payload: bytes, via: object) -> None:
+        """Route one application payload by its kind byte: 0x10-0x1F to the tunnel streams,
+        everything else (the bridge's 0x01-0x0F) to the bridge transport."""
+        if is_tunnel_payload(payload):
+            self.tunnels.on_payload(payload, via)
+        else:
+            await self.transport.on_payload(payload, via)
+
+    def _link_down(self) -> None:
+        self.transport.link_down()
+        self.tunnels.link_down()
+
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
         if s.metrics.listen:
             self.http = await start_http(s.metrics.listen, self.metrics, self.readiness)
             log.info("metrics and health on http://%s:%d/", self.http.host, self.http.port)
+        try:
+            await self.tunnels.start()
+        except OSError as exc:
+            await self.tunnels.stop()
+            if self.http is not None:
+                await self.http.stop()
+            raise ConfigError(
+                [("tunnel", f"cannot listen for a tunnel: {exc.strerror or exc}")]
+            ) from exc
         link_task = asyncio.ensure_future(self._supervise_link(stop))
         sync_task = asyncio.ensure_future(self._sync_metrics_forever())
-        bridge_task = asyncio.ensure_future(self._start_bridge(stop))
+        bridge_task = asyncio.ensure_future(
+            self._start_bridge(stop) if self.bridge_enabled else asyncio.sleep(0)
+        )
         try:
             await stop.wait()
         finally:
@@ -87,6 +126,8 @@ class Gateway:
             bridge_task.cancel()
             with contextlib.suppress(Exception):
                 await self.bridge.stop()
+            with contextlib.suppress(Exception):
+                await self.tunnels.stop()  # streams reset (going away) before the CLOSE
             await self.link.stop()
             for t in (link_task, sync_task):
                 t.cancel()
@@ -103,7 +144,7 @@ class Gateway:
     def readiness(self) -> tuple[bool, str]:
         """Ready: a fresh session with the peer AND a connection to the local broker."""
         ok, why = self.link.readiness()
-        if ok and not self.bridge.connected:
+        if ok and self.bridge_enabled and not self.bridge.connected:
             return False, "not connected to the local broker"
         return ok, why
 
