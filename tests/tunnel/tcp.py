@@ -119,3 +119,12 @@ def send_and_read(port: int, data: bytes) -> bytes:
     with connect(port) as s:
         s.sendall(data)
         return recv_all(s)
+
+
+def keep_talking(s: socket.socket, rounds: int = 1000) -> None:
+    """Send and read back (echo) until the socket fails; a clean EOF is an error."""
+    for _ in range(rounds):
+        s.sendall(b"x" * 65536)
+        if not s.recv(65536):
+            raise AssertionError("a clean end of file, not a reset")
+    raise AssertionError(f"no reset within {rounds} rounds")

@@ -30,6 +30,7 @@ from tests.tunnel.tcp import (
     connect,
     echo,
     exchange,
+    keep_talking,
     recv_all,
     send_and_read,
 )
@@ -263,3 +264,25 @@ def test_metrics_per_tunnel(sites: dict[str, Any]) -> None:
     assert s.metric("b", "qgw_tunnel_bytes_total", tunnel="echo", direction="received") >= after
     assert s.metric("a", "qgw_tunnel_errors_total", kind="protocol") == 0
     assert s.metric("b", "qgw_tunnel_errors_total", kind="decode") == 0
+
+
+def test_link_cut_resets_streams_cleanly_and_new_streams_work(sites: dict[str, Any]) -> None:
+    """Last in this module: SIGKILL gateway B mid-stream. Records lost with the connection are
+    not retransmitted, so streams cannot resume: the client sees a reset (TS14), the reset is
+    counted, and after B is back a new stream carries data again."""
+    s: TwoSites = sites["s"]
+    c = connect(sites["a"]["echo"])
+    c.sendall(b"before the cut")
+    assert recv_all(c, 14) == b"before the cut"
+    s.kill_gateway("b")
+    with pytest.raises((ConnectionResetError, BrokenPipeError)):
+        keep_talking(c)  # the reset arrives once gateway A notices the lost connection
+    c.close()
+    s.wait_metric(
+        "a", "qgw_tunnel_resets_total", lambda v: v >= 1, tunnel="echo", reason="link_down"
+    )
+    s.wait_metric("a", "qgw_tunnel_streams_active", lambda v: v == 0, tunnel="echo")
+    s.start_gateway("b")
+    s.wait_established()
+    data = blob(1 << 20, seed=6)
+    assert exchange(sites["a"]["echo"], data) == data

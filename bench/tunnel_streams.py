@@ -1,0 +1,236 @@
+"""Tunnel mode throughput: one stream's bulk rate with 64 KiB writes, and N concurrent streams'
+fairness, through two real ``qgw run`` processes on loopback (PSK, static QKD keys).
+
+    python bench/tunnel_streams.py [--mib 512] [--streams 100] [--stream-mib 8] [--out F.json]
+
+The source writes with ``sendall`` of 64 KiB; gateway A's tunnel ``listen`` takes it, gateway
+B dials the sink, which reads with 1 MiB ``recv`` calls and hashes nothing (pure transport).
+Source and sink are threads of this process (they release the GIL in the kernel calls). A
+direct loopback copy (source -> sink, no gateways) is measured in the same run as the ceiling.
+Numbers on a shared machine are noisy: compare rows of one run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gateway.config import to_toml
+from gateway.initdemo import free_ports
+from keysource.static import write_seed_file
+
+CHUNK = 64 * 1024
+
+
+def sink_server(counts: dict[int, int], done: dict[int, float]) -> tuple[socket.socket, int]:
+    srv = socket.create_server(("127.0.0.1", 0), backlog=512)
+
+    def handle(c: socket.socket, idx: int) -> None:
+        buf = bytearray(1 << 20)
+        n = 0
+        while True:
+            k = c.recv_into(buf)
+            if not k:
+                break
+            n += k
+            counts[idx] = n
+        done[idx] = time.perf_counter()
+        c.close()
+
+    def accept() -> None:
+        i = 0
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(c, i), daemon=True).start()
+            i += 1
+
+    threading.Thread(target=accept, daemon=True).start()
+    return srv, srv.getsockname()[1]
+
+
+def source(port: int, nbytes: int) -> None:
+    data = os.urandom(CHUNK)
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        sent = 0
+        while sent < nbytes:
+            s.sendall(data)
+            sent += CHUNK
+        s.shutdown(socket.SHUT_WR)
+        s.recv(1)  # wait for the far end to close
+
+
+def configs(root: Path, listen_port: int, sink_port: int) -> tuple[Path, Path, int, int]:
+    root.mkdir(parents=True, exist_ok=True)
+    psk = root / "psk"
+    fd = os.open(psk, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.write(fd, os.urandom(32))
+    os.close(fd)
+    seed = root / "seed.toml"
+    write_seed_file(seed)
+    gw, ma, mb = free_ports(3)
+    paths = []
+    for i, site in enumerate(("a", "b")):
+        d: dict[str, Any] = {
+            "gateway": {
+                "site_id": f"site-{site}",
+                "role": "initiator" if i == 0 else "responder",
+                "listen": f"127.0.0.1:{gw}",
+                "peer": f"127.0.0.1:{gw}",
+            },
+            "auth": {"mode": "psk", "psk_file": str(psk), "peer_name": f"site-{'ba'[i]}"},
+            "qkd": {
+                "mode": "required",
+                "source": "static",
+                "static_file": str(seed),
+                "sae_id": f"sae-{site}",
+                "peer_sae_id": f"sae-{'ba'[i]}",
+            },
+            "metrics": {"listen": f"127.0.0.1:{(ma, mb)[i]}"},
+            "logging": {"level": "warning"},
+            "tunnel": [
+                {"name": "bulk", "listen": f"127.0.0.1:{listen_port}"}
+                if i == 0
+                else {"name": "bulk", "connect": f"127.0.0.1:{sink_port}"}
+            ],
+        }
+        p = root / f"site-{site}.toml"
+        p.write_text(to_toml(d))
+        paths.append(p)
+    return paths[0], paths[1], ma, mb
+
+
+def wait_established(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit("gateways did not establish")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_one(port: int, nbytes: int, counts: dict[int, int], done: dict[int, float]) -> float:
+    before = set(done)
+    t0 = time.perf_counter()
+    source(port, nbytes)
+    deadline = time.monotonic() + 120
+    while set(done) == before and time.monotonic() < deadline:
+        time.sleep(0.001)
+    (idx,) = set(done) - before
+    assert counts[idx] == nbytes, (counts[idx], nbytes)
+    return nbytes / (done[idx] - t0) / 1e6
+
+
+def run_many(
+    port: int, n: int, nbytes: int, counts: dict[int, int], done: dict[int, float]
+) -> dict[str, Any]:
+    before = set(done)
+    threads = [threading.Thread(target=source, args=(port, nbytes)) for _ in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    mine = sorted(set(done) - before)
+    times = sorted(done[i] - t0 for i in mine)
+    assert all(counts[i] == nbytes for i in mine)
+    total = n * nbytes / (max(times)) / 1e6
+    return {
+        "streams": n,
+        "bytes_per_stream": nbytes,
+        "aggregate_mb_s": round(total, 1),
+        "first_done_s": round(times[0], 3),
+        "last_done_s": round(times[-1], 3),
+        "per_stream_mb_s_min": round(nbytes / times[-1] / 1e6, 2),
+        "per_stream_mb_s_max": round(nbytes / times[0] / 1e6, 2),
+        "fairness_last_over_first": round(times[-1] / times[0], 2),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mib", type=int, default=512, help="bytes of the single-stream run (MiB)")
+    ap.add_argument("--streams", type=int, default=100)
+    ap.add_argument("--stream-mib", type=int, default=8)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    counts: dict[int, int] = {}
+    done: dict[int, float] = {}
+    srv, sink_port = sink_server(counts, done)
+    direct = run_one(sink_port, args.mib << 20, counts, done)
+    root = Path(os.environ.get("TMPDIR", "/tmp")) / f"qgw-tunnel-bench-{os.getpid()}"
+    (listen_port,) = free_ports(1)
+    ca, cb, ma, _mb = configs(root, listen_port, sink_port)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "--config", str(c)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=(root / f"{c.stem}.log").open("wb"),
+        )
+        for c in (cb, ca)
+    ]
+    try:
+        wait_established(ma)
+        time.sleep(0.5)
+        cpu0 = [cpu_seconds(p.pid) for p in procs]
+        one = run_one(listen_port, args.mib << 20, counts, done)
+        cpu1 = [cpu_seconds(p.pid) for p in procs]
+        many = run_many(listen_port, args.streams, args.stream_mib << 20, counts, done)
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        srv.close()
+    result = {
+        "note": "loopback, 2 shared cores, noisy; source/sink are threads of the bench process",
+        "direct_loopback_mb_s": round(direct, 1),
+        "one_stream_64k_writes_mb_s": round(one, 1),
+        "one_stream_bytes": args.mib << 20,
+        # MB per CPU-second of each gateway process during the single-stream run: what one
+        # gateway could carry on a free core (less sensitive to the other load on the machine).
+        "one_stream_mb_per_cpu_s": {
+            name: round((args.mib << 20) / max(c1 - c0, 1e-9) / 1e6, 1)
+            for name, c0, c1 in zip(("gateway_b", "gateway_a"), cpu0, cpu1, strict=True)
+        },
+        "concurrent": many,
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
