@@ -128,6 +128,13 @@ def wait_established(port: int, timeout: float = 30) -> None:
     raise SystemExit("gateways did not establish")
 
 
+def profile_args(root: Path, name: str) -> list[str]:
+    """With QGW_BENCH_PROFILE=1 each gateway runs under cProfile (root/NAME.prof)."""
+    if os.environ.get("QGW_BENCH_PROFILE"):
+        return ["-m", "cProfile", "-o", str(root / f"{name}.prof")]
+    return []
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -189,7 +196,15 @@ def main() -> int:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "--config", str(c)],
+            [
+                sys.executable,
+                *profile_args(root, c.stem),
+                "-m",
+                "gateway",
+                "run",
+                "--config",
+                str(c),
+            ],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=(root / f"{c.stem}.log").open("wb"),
