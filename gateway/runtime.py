@@ -2,7 +2,8 @@
 
 Wires the pieces: credentials -> core authenticator, key source (ETSI 014 client or static),
 peer link (asyncio shell around the core), the secure transport (PUB/ACK over the link), the
-MQTT bridge, metrics and health HTTP. Stops cleanly on SIGTERM/SIGINT: the bridge stops taking
+MQTT bridge, the tunnel streams (``[[tunnel]]``; payload kinds 0x10-0x1F are routed to them,
+the rest to the bridge transport), metrics and health HTTP. Stops cleanly on SIGTERM/SIGINT: the bridge stops taking
 messages and lets in-flight forwards finish, then the session is closed with an authenticated
 CLOSE; whatever was not acknowledged stays at the broker for the next start.
 """

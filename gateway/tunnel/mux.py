@@ -309,6 +309,11 @@ class Multiplexer:
             if s.ungranted and not s.fin_received:
                 self._grant(s)
 
+    def count_local_refusal(self, name: str, reason: str) -> None:
+        """A local client of ``listen`` tunnel ``name`` was turned away before any OPEN
+        (``link_down``: no session; ``too_many_streams``: the stream limit)."""
+        self._counter(name).refusals[reason] += 1
+
     def link_down(self) -> None:
         """The qgw session is gone: every stream is reset locally (nothing can be sent)."""
         self._out.clear()

@@ -257,14 +257,14 @@ class TunnelService:
             return
         # A local client of a `listen` tunnel.
         if self._stopping or not self._is_up():
-            self.mux._counter(st.name).refusals["link_down"] += 1
+            self.mux.count_local_refusal(st.name, "link_down")
             log.debug("tunnel %s: local client refused, the peer link is down", st.name)
             st.abort()
             return
         try:
             sid = self.mux.open(st.name)
         except LocalProtocolError:
-            self.mux._counter(st.name).refusals["too_many_streams"] += 1
+            self.mux.count_local_refusal(st.name, "too_many_streams")
             st.abort()
             return
         st.bind(sid)
