@@ -61,17 +61,33 @@ def half_server(conn: socket.socket) -> None:
     conn.shutdown(socket.SHUT_WR)
 
 
+class SpeaksFirst:
+    """Sends a greeting and half-closes first; then reads the client's bytes to EOF and keeps
+    their digest: the server -> client direction ends while client -> server goes on."""
+
+    def __init__(self) -> None:
+        self.digests: list[str] = []
+        self.server = Server(self.handle)
+
+    def handle(self, conn: socket.socket) -> None:
+        conn.sendall(b"hello, then goodbye")
+        conn.shutdown(socket.SHUT_WR)
+        self.digests.append(hashlib.sha256(recv_all(conn)).hexdigest())
+
+
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     require_mosquitto()
     root: Path = tmp_path_factory.mktemp("tunnel")
     echo_srv = Server(echo)
     half_srv = Server(half_server)
+    first = SpeaksFirst()
     slow = Slow()
     dead = socket.create_server(("127.0.0.1", 0))
     dead_port = dead.getsockname()[1]
     dead.close()  # nothing listens here: connects are refused
-    pa = dict(zip(("echo", "half", "slow", "refused", "ghost"), free_ports(5), strict=True))
+    names = ("echo", "half", "first", "slow", "refused", "ghost")
+    pa = dict(zip(names, free_ports(len(names)), strict=True))
     (pb_back,) = free_ports(1)
     s = TwoSites(root, env={"QGW_REKEY__INTERVAL_SECONDS": REKEY_SECONDS})
 
@@ -84,6 +100,7 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         d["tunnel"] = [
             {"name": "echo", "connect": f"127.0.0.1:{echo_srv.port}"},
             {"name": "half", "connect": f"127.0.0.1:{half_srv.port}"},
+            {"name": "first", "connect": f"127.0.0.1:{first.server.port}"},
             {"name": "slow", "connect": f"127.0.0.1:{slow.server.port}"},
             {"name": "refused", "connect": f"127.0.0.1:{dead_port}"},
             {"name": "back", "listen": f"127.0.0.1:{pb_back}"},
@@ -93,11 +110,18 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     s.edit_site("b", site_b)
     try:
         s.start()
-        yield {"s": s, "a": pa, "b": {"back": pb_back}, "slow": slow, "echo": echo_srv}
+        yield {
+            "s": s,
+            "a": pa,
+            "b": {"back": pb_back},
+            "slow": slow,
+            "first": first,
+            "echo": echo_srv,
+        }
     finally:
         slow.release.set()
         s.close()
-        for srv in (echo_srv, half_srv, slow.server):
+        for srv in (echo_srv, half_srv, first.server, slow.server):
             srv.close()
 
 
@@ -148,12 +172,20 @@ def test_half_close_both_directions(sites: dict[str, Any]) -> None:
         c.shutdown(socket.SHUT_WR)  # client -> server closed; the answer must still come
         answer = recv_all(c)  # ... and ends with the server's own half-close
     assert answer == b"got:" + hashlib.sha256(data).hexdigest().encode()
-    # The other way round: the far server half-closes first (echo shuts down after our EOF,
-    # but here we keep writing after reading the server's data): covered by the echo
-    # exchanges, where each side's FIN travels separately; streams finish cleanly:
+    # The other way round: the far server half-closes first; the client reads that end of
+    # file and only then sends its own bytes, which must still arrive in full.
+    first: SpeaksFirst = sites["first"]
+    with connect(sites["a"]["first"]) as c:
+        assert recv_all(c) == b"hello, then goodbye"  # the server's FIN arrived as EOF
+        c.sendall(data)
+        c.shutdown(socket.SHUT_WR)
+        assert recv_all(c) == b""
+    wait_until(lambda: len(first.digests) == 1, 30, "the server to read to EOF")
+    assert first.digests[0] == hashlib.sha256(data).hexdigest()
     s: TwoSites = sites["s"]
-    s.wait_metric("a", "qgw_tunnel_streams_active", lambda v: v == 0, tunnel="half")
-    assert s.metric("a", "qgw_tunnel_resets_total", tunnel="half") == 0
+    for name in ("half", "first"):
+        s.wait_metric("a", "qgw_tunnel_streams_active", lambda v: v == 0, tunnel=name)
+        assert s.metric("a", "qgw_tunnel_resets_total", tunnel=name) == 0
 
 
 def test_far_end_refusing(sites: dict[str, Any]) -> None:
