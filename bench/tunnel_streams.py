@@ -3,9 +3,12 @@ fairness, through two real ``qgw run`` processes on loopback (PSK, static QKD ke
 
     python bench/tunnel_streams.py [--mib 512] [--streams 100] [--stream-mib 8] [--out F.json]
 
+(default output: bench/results/tunnel_streams.json)
+
 The source writes with ``sendall`` of 64 KiB; gateway A's tunnel ``listen`` takes it, gateway
 B dials the sink, which reads with 1 MiB ``recv`` calls and hashes nothing (pure transport).
-Source and sink are threads of this process (they release the GIL in the kernel calls). A
+The single-stream source is a thread of this process; the sink and the N concurrent sources run
+on event loops (one thread each), so that they do not starve each other for the GIL. A
 direct loopback copy (source -> sink, no gateways) is measured in the same run as the ceiling.
 Numbers on a shared machine are noisy: compare rows of one run only.
 """
@@ -13,6 +16,8 @@ Numbers on a shared machine are noisy: compare rows of one run only.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import itertools
 import json
 import os
 import signal
@@ -35,33 +40,58 @@ from keysource.static import write_seed_file
 CHUNK = 64 * 1024
 
 
-def sink_server(counts: dict[int, int], done: dict[int, float]) -> tuple[socket.socket, int]:
-    srv = socket.create_server(("127.0.0.1", 0), backlog=512)
+FIRST: dict[int, float] = {}  # sink connection -> time its first byte arrived
 
-    def handle(c: socket.socket, idx: int) -> None:
-        buf = bytearray(1 << 20)
-        n = 0
-        while True:
-            k = c.recv_into(buf)
-            if not k:
-                break
-            n += k
-            counts[idx] = n
-        done[idx] = time.perf_counter()
-        c.close()
 
-    def accept() -> None:
-        i = 0
-        while True:
-            try:
-                c, _ = srv.accept()
-            except OSError:
-                return
-            threading.Thread(target=handle, args=(c, i), daemon=True).start()
-            i += 1
+class _Sink(asyncio.BufferedProtocol):
+    def __init__(self, idx: int, counts: dict[int, int], done: dict[int, float]) -> None:
+        self.idx, self.counts, self.done = idx, counts, done
+        self.buf = bytearray(1 << 20)
+        self.n = 0
 
-    threading.Thread(target=accept, daemon=True).start()
-    return srv, srv.getsockname()[1]
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return self.buf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if not self.n:
+            FIRST[self.idx] = time.perf_counter()
+        self.n += nbytes
+        self.counts[self.idx] = self.n
+
+    def eof_received(self) -> bool:
+        self.done[self.idx] = time.perf_counter()
+        return False  # close
+
+
+def sink_server(counts: dict[int, int], done: dict[int, float]) -> tuple[Any, int]:
+    """A counting sink on its own event loop thread (one thread: no GIL convoy of handlers)."""
+    loop = asyncio.new_event_loop()
+    ids = itertools.count()
+    server = loop.run_until_complete(
+        loop.create_server(lambda: _Sink(next(ids), counts, done), "127.0.0.1", 0, backlog=1024)
+    )
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    return (loop, server), server.sockets[0].getsockname()[1]
+
+
+async def _async_source(port: int, nbytes: int) -> None:
+    data = os.urandom(CHUNK)
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    sent = 0
+    while sent < nbytes:
+        w.write(data)
+        sent += CHUNK
+        await w.drain()
+    w.write_eof()
+    await r.read(1)  # the far end closes
+    w.close()
+
+
+async def _many_sources(port: int, n: int, nbytes: int) -> None:
+    await asyncio.gather(*(_async_source(port, nbytes) for _ in range(n)))
 
 
 def source(port: int, nbytes: int) -> None:
@@ -135,10 +165,11 @@ def profile_args(root: Path, name: str) -> list[str]:
     return []
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
+def cpu_seconds(pid: int, user_only: bool = False) -> float:
+    """User (+ system) CPU time of a process so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[11]) + (0 if user_only else int(fields[12]))
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def run_one(port: int, nbytes: int, counts: dict[int, int], done: dict[int, float]) -> float:
@@ -157,16 +188,23 @@ def run_many(
     port: int, n: int, nbytes: int, counts: dict[int, int], done: dict[int, float]
 ) -> dict[str, Any]:
     before = set(done)
-    threads = [threading.Thread(target=source, args=(port, nbytes)) for _ in range(n)]
     t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
+    runner = threading.Thread(target=asyncio.run, args=(_many_sources(port, n, nbytes),))
+    runner.start()  # the sources on one event loop (threads would starve each other)
+    # Fairness: every stream's progress at the moment the first one finishes.
+    deadline = time.monotonic() + 300
+    while not set(done) - before and time.monotonic() < deadline:
+        time.sleep(0.002)
+    snapshot = {i: c for i, c in counts.items() if i not in before}
+    runner.join(300)
     mine = sorted(set(done) - before)
+    progress = sorted(snapshot.get(i, 0) for i in mine)
     times = sorted(done[i] - t0 for i in mine)
     assert all(counts[i] == nbytes for i in mine)
     total = n * nbytes / (max(times)) / 1e6
+    # Each stream's own rate, from its first byte to its last at the sink: "fair within 2x"
+    # compares the fastest and the slowest of these.
+    rates = sorted(nbytes / (done[i] - FIRST[i]) / 1e6 for i in mine)
     return {
         "streams": n,
         "bytes_per_stream": nbytes,
@@ -175,7 +213,13 @@ def run_many(
         "last_done_s": round(times[-1], 3),
         "per_stream_mb_s_min": round(nbytes / times[-1] / 1e6, 2),
         "per_stream_mb_s_max": round(nbytes / times[0] / 1e6, 2),
-        "fairness_last_over_first": round(times[-1] / times[0], 2),
+        "finish_last_over_first": round(times[-1] / times[0], 2),
+        "stream_rate_mb_s_min": round(rates[0], 2),
+        "stream_rate_mb_s_median": round(rates[len(rates) // 2], 2),
+        "stream_rate_mb_s_max": round(rates[-1], 2),
+        "fairness_max_over_min_rate": round(rates[-1] / rates[0], 2),
+        # bytes delivered by the slowest and the fastest stream when the first one finished
+        "progress_at_first_finish_min_over_max": round(progress[0] / max(progress[-1], 1), 2),
     }
 
 
@@ -184,7 +228,7 @@ def main() -> int:
     ap.add_argument("--mib", type=int, default=512, help="bytes of the single-stream run (MiB)")
     ap.add_argument("--streams", type=int, default=100)
     ap.add_argument("--stream-mib", type=int, default=8)
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "tunnel_streams.json")
     args = ap.parse_args()
     counts: dict[int, int] = {}
     done: dict[int, float] = {}
@@ -215,8 +259,10 @@ def main() -> int:
         wait_established(ma)
         time.sleep(0.5)
         cpu0 = [cpu_seconds(p.pid) for p in procs]
+        user0 = [cpu_seconds(p.pid, user_only=True) for p in procs]
         one = run_one(listen_port, args.mib << 20, counts, done)
         cpu1 = [cpu_seconds(p.pid) for p in procs]
+        user1 = [cpu_seconds(p.pid, user_only=True) for p in procs]
         many = run_many(listen_port, args.streams, args.stream_mib << 20, counts, done)
     finally:
         for p in procs:
@@ -226,7 +272,8 @@ def main() -> int:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
-        srv.close()
+        loop, server = srv
+        loop.call_soon_threadsafe(server.close)
     result = {
         "note": "loopback, 2 shared cores, noisy; source/sink are threads of the bench process",
         "direct_loopback_mb_s": round(direct, 1),
@@ -237,6 +284,12 @@ def main() -> int:
         "one_stream_mb_per_cpu_s": {
             name: round((args.mib << 20) / max(c1 - c0, 1e-9) / 1e6, 1)
             for name, c0, c1 in zip(("gateway_b", "gateway_a"), cpu0, cpu1, strict=True)
+        },
+        "one_stream_user_cpu_share": {
+            name: round((u1 - u0) / max(c1 - c0, 1e-9), 2)
+            for name, u0, u1, c0, c1 in zip(
+                ("gateway_b", "gateway_a"), user0, user1, cpu0, cpu1, strict=True
+            )
         },
         "concurrent": many,
     }

@@ -10,8 +10,10 @@ Sockets are :class:`asyncio.BufferedProtocol` objects: the kernel copies stream 
 into a per-stream buffer that already holds the DATA header, so a chunk of up to one record
 (61435 bytes) costs one ``recv`` and one copy into the payload. Back-pressure:
 
-- a stream's socket is read only while the peer has granted it credit (TS11) and the queue of
-  payloads waiting for the link is below :data:`SEND_QUEUE_HIGH_WATER`;
+- a stream's socket is read only while the peer has granted it credit (TS11), while the stream
+  has less than :data:`STREAM_QUEUE_MAX` bytes waiting for the link (so the one FIFO towards the
+  link interleaves the streams: fair), and while the whole queue is below
+  :data:`SEND_QUEUE_HIGH_WATER` (a safety bound for very many streams);
 - a local socket whose write buffer is above :data:`WRITE_HIGH_WATER` pauses the grants for
   its stream (TS12), so the peer's gateway stops reading the other end.
 """
@@ -39,9 +41,14 @@ log = logging.getLogger("qgw.tunnel")
 #: mark they resume. With the 1 MiB window this bounds a stream at about 1.25 MiB in the gateway.
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
-#: Payloads waiting for the peer link above this pause reading every local socket.
-SEND_QUEUE_HIGH_WATER = 4 << 20
-SEND_QUEUE_LOW_WATER = 1 << 20
+#: DATA bytes one stream may have waiting for the peer link before its socket is paused: two
+#: records. Each stream thus holds at most two places in the FIFO towards the link, which
+#: makes the streams take turns (a global-only limit starved the streams that epoll lists last).
+STREAM_QUEUE_MAX = 2 * (m.HEADER + m.MAX_DATA)
+#: Payloads waiting for the peer link above this pause reading every local socket (only
+#: reached with more than ~130 busy streams; below it the per-stream limit keeps the order fair).
+SEND_QUEUE_HIGH_WATER = 16 << 20
+SEND_QUEUE_LOW_WATER = 8 << 20
 CONNECT_TIMEOUT_SECONDS = 10.0
 STOP_FLUSH_SECONDS = 1.0
 _LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
@@ -58,6 +65,7 @@ class _Stream(asyncio.BufferedProtocol):
         self.buf = bytearray(m.HEADER + m.MAX_DATA)
         self.view = memoryview(self.buf)
         self.reading = True
+        self.queued = 0  # DATA bytes of this stream waiting for the peer link
         self.eof = False  # local end of file seen (FIN to send)
         self.gone = False
 
@@ -159,7 +167,7 @@ class TunnelService:
         self._connect_timeout = connect_timeout
         self._streams: dict[int, _Stream] = {}
         self._servers: dict[str, asyncio.Server] = {}
-        self._queue: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._queue: collections.deque[tuple[int, bytes, _Stream | None]] = collections.deque()
         self.send_queue_bytes = 0
         self._generation = 0  # bumped on link loss: queued payloads of older streams are dropped
         self._queue_paused = False
@@ -285,6 +293,8 @@ class TunnelService:
             st.abort()
             self._streams.pop(st.sid, None)
         self._flush()
+        if st.queued >= STREAM_QUEUE_MAX:
+            st.set_reading(False)  # its turn again once the link took its queued records
 
     def _local_eof(self, st: _Stream) -> None:
         s = self.mux.streams.get(st.sid)
@@ -302,7 +312,11 @@ class TunnelService:
 
     def _update_reading(self, st: _Stream) -> None:
         st.set_reading(
-            not st.gone and not st.eof and not self._queue_paused and self.mux.credit(st.sid) > 0
+            not st.gone
+            and not st.eof
+            and not self._queue_paused
+            and st.queued < STREAM_QUEUE_MAX
+            and self.mux.credit(st.sid) > 0
         )
 
     # --- events from the multiplexer, payloads to the peer ---
@@ -315,7 +329,12 @@ class TunnelService:
         if out:
             gen = self._generation
             for p in out:
-                self._queue.append((gen, p))
+                st = None
+                if p[0] == m.Kind.DATA:  # count it against its stream (fair turns)
+                    st = self._streams.get(int.from_bytes(p[1 : m.HEADER]))
+                    if st is not None:
+                        st.queued += len(p)
+                self._queue.append((gen, p, st))
                 self.send_queue_bytes += len(p)
             self._wake.set()
             if self.send_queue_bytes > SEND_QUEUE_HIGH_WATER and not self._queue_paused:
@@ -396,8 +415,12 @@ class TunnelService:
             await self._wake.wait()
             self._wake.clear()
             while q:
-                gen, payload = q.popleft()
+                gen, payload, st = q.popleft()
                 self.send_queue_bytes -= len(payload)
+                if st is not None:
+                    st.queued -= len(payload)
+                    if not st.reading and st.queued < STREAM_QUEUE_MAX:
+                        self._update_reading(st)
                 if gen != self._generation:
                     continue  # belongs to streams of a lost connection
                 try:
