@@ -275,7 +275,7 @@ def main() -> int:
         loop, server = srv
         loop.call_soon_threadsafe(server.close)
     result = {
-        "note": "loopback, 2 shared cores, noisy; source/sink are threads of the bench process",
+        "note": "loopback, 2 cores shared with other work (noisy); compare rows of one run only",
         "direct_loopback_mb_s": round(direct, 1),
         "one_stream_64k_writes_mb_s": round(one, 1),
         "one_stream_bytes": args.mib << 20,
