@@ -70,6 +70,8 @@ class DemoPorts:
     mqtt_b: int
     metrics_a: int
     metrics_b: int
+    kme_a_skip: int  # Cisco SKIP API of KME A (appended last: older --base-port layouts hold)
+    kme_b_skip: int
 
     @classmethod
     def pick(cls, base_port: int | None = None) -> DemoPorts:
@@ -155,6 +157,7 @@ timeout_seconds = 5.0
 kme_id = "{kme_a_id}"
 sae_ids = ["{sae_a}"]
 listen = "127.0.0.1:{p.kme_a}"        # ETSI GS QKD 014 API, HTTPS with client certificates
+skip_listen = "127.0.0.1:{p.kme_a_skip}"  # Cisco SKIP API: same certificates, same key pool
 cert = "kme-pki/kme-a.crt"
 key = "kme-pki/kme-a.key"
 ca = "kme-pki/ca.crt"                  # CA of the SAE client certificates
@@ -167,6 +170,7 @@ sync_key = "kme-pki/kme-a-sync.key"
 kme_id = "{kme_b_id}"
 sae_ids = ["{sae_b}"]
 listen = "127.0.0.1:{p.kme_b}"
+skip_listen = "127.0.0.1:{p.kme_b_skip}"
 cert = "kme-pki/kme-b.crt"
 key = "kme-pki/kme-b.key"
 ca = "kme-pki/ca.crt"
@@ -197,8 +201,20 @@ def write_psk(root: Path, name: str = "psk") -> Path:
     return path
 
 
-def site_sections(ports: DemoPorts) -> Sites:
-    """The two site configs as plain dicts (complete for ``qgw check-config``)."""
+KEY_SOURCES = ("etsi014", "skip")
+
+
+def site_sections(ports: DemoPorts, key_source: str = "etsi014") -> Sites:
+    """The two site configs as plain dicts (complete for ``qgw check-config``).
+
+    ``key_source``: ``etsi014`` (the KMEs' ETSI GS QKD 014 API) or ``skip`` (their Cisco SKIP
+    API); the same certificates either way.
+    """
+    if key_source not in KEY_SOURCES:
+        raise ConfigError([("--key-source", f"must be one of {', '.join(KEY_SOURCES)}")])
+    kme_ports = (
+        (ports.kme_a_skip, ports.kme_b_skip) if key_source == "skip" else (ports.kme_a, ports.kme_b)
+    )
     sites: Sites = {}
     for i, site in enumerate(SITES):
         me, other = i, 1 - i
@@ -220,8 +236,8 @@ def site_sections(ports: DemoPorts) -> Sites:
             },
             "qkd": {
                 "mode": "required",
-                "source": "etsi014",
-                "kme_url": f"https://127.0.0.1:{(ports.kme_a, ports.kme_b)[me]}",
+                "source": key_source,
+                "kme_url": f"https://127.0.0.1:{kme_ports[me]}",
                 "sae_id": SAE_IDS[me],
                 "peer_sae_id": SAE_IDS[other],
                 "cert": f"{KME_PKI}/{SAE_IDS[me]}.crt",
@@ -235,6 +251,7 @@ def site_sections(ports: DemoPorts) -> Sites:
                 "client_id": f"qgw-{site}",
                 "rules": [
                     {
+                        "name": "demo",
                         "pattern": "demo/#",
                         "direction": "both",
                         "qos": 1,
@@ -273,9 +290,16 @@ class DemoResult:
 
 
 def init_demo(
-    root: Path, base_port: int | None = None, force: bool = False, kme_hosts: tuple[str, ...] = ()
+    root: Path,
+    base_port: int | None = None,
+    force: bool = False,
+    kme_hosts: tuple[str, ...] = (),
+    key_source: str = "etsi014",
 ) -> DemoResult:
-    """Write the whole demo set into ``root`` (refuses to overwrite unless ``force``)."""
+    """Write the whole demo set into ``root`` (refuses to overwrite unless ``force``).
+
+    ``key_source``: how the gateways fetch QKD keys from the simulator (``etsi014`` or ``skip``).
+    """
     root = Path(root)
     ours = ["kme.toml", "psk", *(f"{s}.toml" for s in SITES), KME_PKI, "gw-pki"]
     existing = [n for n in ours if (root / n).exists()]
@@ -290,14 +314,14 @@ def init_demo(
     kme = write_kme_config(root, ports)
     write_psk(root)
     write_gateway_pki(root, list(SITES), force=force)
-    sites = site_sections(ports)
+    sites = site_sections(ports, key_source)
     for step in EXTRA_STEPS:
         step(root, sites)
     return DemoResult(root, ports, kme, write_site_configs(root, sites))
 
 
 def cmd_init_demo(args: argparse.Namespace) -> int:
-    res = init_demo(args.dir, args.base_port, args.force, tuple(args.kme_host))
+    res = init_demo(args.dir, args.base_port, args.force, tuple(args.kme_host), args.key_source)
     print(f"demo written to {res.root}")
     for k, v in asdict(res.ports).items():
         print(f"  {k:12} 127.0.0.1:{v}")
@@ -329,6 +353,13 @@ def register(sub: Any) -> None:
         action="append",
         default=[],
         help="extra DNS name or IP for the KME certificates (repeatable)",
+    )
+    p.add_argument(
+        "--key-source",
+        choices=KEY_SOURCES,
+        default="etsi014",
+        help="how the gateways get QKD keys from the KME simulator: its ETSI GS QKD 014 API "
+        "(default) or its Cisco SKIP API (draft-cisco-skip); kme.toml serves both",
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing demo in DIR")
     p.set_defaults(handler=cmd_init_demo)

@@ -115,6 +115,9 @@ MESSAGE_RESULTS = ("forwarded", "delivered", "dropped")
 RECORD_DIRECTIONS = ("sent", "received")
 HANDSHAKE_RESULTS = ("ok", "failed")
 REKEY_RESULTS = ("ok", "failed")
+ADMISSION_KINDS = ("resume", "bootstrap")
+ADMISSION_RESULTS = ("authenticated", "unauthenticated")  # proof under a secret, or public only
+EVICTION_REASONS = ("pool_full", "pool_busy", "address_cap", "hello_deadline", "shutdown")
 #: Alarms the runtime is expected to raise (others are accepted, bounded).
 ALARMS = ("qkd_unavailable", "qkd_mode_downgrade", "kme_unreachable")
 BRIDGE_EVENTS = (
@@ -284,12 +287,23 @@ class Metrics:
         version: str = __version__,
         clock: Callable[[], float] = time.monotonic,
         rules: Iterable[str] = (),
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         # The *_created series double the output and no dashboard uses them. The switch is
         # process-wide in prometheus_client (read at scrape); the gateway owns its process.
         disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus_client
         self.registry = CollectorRegistry(auto_describe=True)
         self._clock = clock
+        self._wall = wall_clock
+        #: (unix time, result, reason) of the last bootstrap/resumption handshake, for status.
+        self.last_handshake: tuple[float, str, str] | None = None
+        self.broker_connected = False
+        self.kme_stored_keys: int | None = None
+        self.kme_reachable: bool | None = None
+        self._rule_totals: dict[tuple[str, str, str], int] = {}
+        self.inflight = 0
+        self.inflight_limit: int | None = None
+        self._active_alarms: set[str] = set()
         self._epoch_started: float | None = None
         self._epoch = 0
         self._state = "down"
@@ -328,6 +342,38 @@ class Metrics:
             "1 while the transport connection to the peer gateway is up, else 0.",
             registry=r,
         )
+        self._peer_info = Gauge(
+            "qgw_peer_info",
+            "The configured peer gateway (always 1): its identity and address.",
+            ["peer", "address"],
+            registry=r,
+        )
+        self._last_handshake = Gauge(
+            "qgw_last_handshake_timestamp_seconds",
+            "Unix time of the last bootstrap or resumption handshake, by result (ok|failed).",
+            ["result"],
+            registry=r,
+        )
+        self._reloads = Counter(
+            "qgw_config_reloads",
+            "SIGHUP reloads by result (ok|failed; a failed reload keeps the running config).",
+            ["result"],
+            registry=r,
+        )
+        for res in ("ok", "failed"):
+            self._reloads.labels(result=res)
+        self._broker_connected = Gauge(
+            "qgw_broker_connected",
+            "1 while the gateway's MQTT connection to the local broker is up, else 0.",
+            registry=r,
+        )
+        self._cert_expiry = Gauge(
+            "qgw_certificate_expiry_timestamp_seconds",
+            "Unix time at which a certificate this gateway uses expires "
+            "(certificate: bootstrap = auth.cert, kme_client = qkd.cert).",
+            ["certificate"],
+            registry=r,
+        )
 
         # -- handshakes and rekeys -------------------------------------------------------
         self._hs_result_v = _Vocabulary(HANDSHAKE_RESULTS)
@@ -343,6 +389,45 @@ class Metrics:
             "qgw_rekeys",
             "QKD-authenticated rekeys by result (ok|failed).",
             ["result"],
+            registry=r,
+        )
+
+        # -- admission (docs/protocol.md §3.5, §7) ------------------------------------------
+        self._adm_kind_v = _Vocabulary(ADMISSION_KINDS)
+        self._adm_result_v = _Vocabulary(ADMISSION_RESULTS)
+        self._admissions = Counter(
+            "qgw_admissions",
+            "Connections admitted after a valid HELLO, by kind (resume|bootstrap) and result "
+            "(authenticated: proof under the chain key or PSK; unauthenticated: pki bootstrap).",
+            ["kind", "result"],
+            registry=r,
+        )
+        self._evict_v = _Vocabulary(EVICTION_REASONS)
+        self._evictions = Counter(
+            "qgw_admission_evictions",
+            "Connections the responder closed before a valid HELLO, by reason: pool_full (an "
+            "older pending one evicted), pool_busy / address_cap (a new one refused at accept), "
+            "hello_deadline.",
+            ["reason"],
+            registry=r,
+        )
+        self._refusal_v = _Vocabulary()
+        self._refusals = Counter(
+            "qgw_admission_refusals",
+            "Connections refused before they were authenticated, by alert name "
+            "(e.g. admission_failed, no_session, decode_error, rate_limited).",
+            ["reason"],
+            registry=r,
+        )
+        self._budget_refusals = Counter(
+            "qgw_admission_budget_refusals",
+            "Unauthenticated bootstrap INITs refused by the global budget on KME calls and "
+            "signatures (pki mode).",
+            registry=r,
+        )
+        self._pending = Gauge(
+            "qgw_admission_pending_connections",
+            "Connections waiting for a valid HELLO (the bounded pending pool).",
             registry=r,
         )
 
@@ -368,6 +453,13 @@ class Metrics:
             buckets=_KME_BUCKETS,
             registry=r,
         )
+        self._kme_stored = Gauge(
+            "qgw_kme_stored_keys",
+            "Keys the local KME holds for this SAE pair (ETSI 014 status stored_key_count; "
+            "NaN until the first successful status call or while the KME is unreachable).",
+            registry=r,
+        )
+        self._kme_stored.set(math.nan)
         self._kme_kind_v = _Vocabulary()
         self._kme_errors = Counter(
             "qgw_kme_errors",
@@ -458,6 +550,11 @@ class Metrics:
             self._qkd_bits.labels(role=role)
         for res in REKEY_RESULTS:
             self._rekeys.labels(result=res)
+        for k in ADMISSION_KINDS:
+            for res in ADMISSION_RESULTS:
+                self._admissions.labels(kind=k, result=res)
+        for reason in EVICTION_REASONS:
+            self._evictions.labels(reason=reason)
         for d in RECORD_DIRECTIONS:
             self._records.labels(direction=d)
             self._bytes.labels(direction=d)
@@ -519,9 +616,52 @@ class Metrics:
 
     def handshake(self, result: str, reason: str = "ok") -> None:
         """Count a bootstrap handshake: ``result`` ok|failed, ``reason`` e.g. an error class name."""
-        self._handshakes.labels(
-            result=self._hs_result_v(result), reason=self._hs_reason_v(reason)
+        res = self._hs_result_v(result)
+        self._handshakes.labels(result=res, reason=self._hs_reason_v(reason)).inc()
+        now = self._wall()
+        self._last_handshake.labels(result=res).set(now)
+        self.last_handshake = (now, res, reason)
+
+    def set_peer(self, name: str, address: str) -> None:
+        """Declare the configured peer (``qgw_peer_info``)."""
+        self._peer_info.labels(peer=name, address=address).set(1)
+
+    def config_reload(self, result: str) -> None:
+        """Count a SIGHUP reload: ``result`` ok|failed."""
+        self._reloads.labels(result="ok" if result == "ok" else "failed").inc()
+
+    def set_broker_connected(self, connected: bool) -> None:
+        self.broker_connected = connected
+        self._broker_connected.set(1 if connected else 0)
+
+    def set_certificate_expiry(self, certificate: str, unix_time: float) -> None:
+        """``certificate`` bootstrap|kme_client; ``unix_time`` its not-after."""
+        self._cert_expiry.labels(certificate=certificate).set(unix_time)
+
+    def set_kme_status(self, stored_keys: int | None) -> None:
+        """The last ETSI 014 status answer (``None``: the KME did not answer)."""
+        self.kme_reachable = stored_keys is not None
+        self.kme_stored_keys = stored_keys
+        self._kme_stored.set(math.nan if stored_keys is None else stored_keys)
+
+    def admission(self, kind: str, authenticated: bool) -> None:
+        """Count one admitted connection (AD4)."""
+        self._admissions.labels(
+            kind=self._adm_kind_v(kind),
+            result=self._adm_result_v("authenticated" if authenticated else "unauthenticated"),
         ).inc()
+
+    def admission_eviction(self, reason: str, count: int = 1) -> None:
+        self._evictions.labels(reason=self._evict_v(reason)).inc(count)
+
+    def admission_refusal(self, reason: str) -> None:
+        self._refusals.labels(reason=self._refusal_v(reason)).inc()
+
+    def admission_budget_refusal(self, count: int = 1) -> None:
+        self._budget_refusals.inc(count)
+
+    def set_pending_connections(self, n: int) -> None:
+        self._pending.set(n)
 
     def rekey(self, result: str) -> None:
         """Count a rekey: ``result`` ok|failed."""
@@ -553,9 +693,23 @@ class Metrics:
         self._qkd_mode.labels(mode=label).set(1)
         self._mode = label
 
+    @property
+    def qkd_mode(self) -> str | None:
+        """The mode last given to :meth:`set_qkd_mode`."""
+        return self._mode
+
     def set_alarm(self, name: str, active: bool) -> None:
         """Raise (``active=True``) or clear an alarm, e.g. ``qkd_unavailable``."""
-        self._alarm.labels(reason=self._alarm_v(name)).set(1 if active else 0)
+        label = self._alarm_v(name)
+        self._alarm.labels(reason=label).set(1 if active else 0)
+        if active:
+            self._active_alarms.add(label)
+        else:
+            self._active_alarms.discard(label)
+
+    @property
+    def active_alarms(self) -> list[str]:
+        return sorted(self._active_alarms)
 
     # -- MQTT ----------------------------------------------------------------------------
 
@@ -579,13 +733,26 @@ class Metrics:
         if count <= 0:
             return
         self._messages.labels(rule=r, direction=d, result=res).inc(count)
+        self._rule_totals[(r, d, res)] = self._rule_totals.get((r, d, res), 0) + count
         if res == "dropped":
             self._dropped.labels(
                 rule=r, direction=d, reason=self._drop_reason_v(reason or "unspecified")
             ).inc(count)
 
+    def rule_counts(self, rule: str) -> dict[str, int]:
+        """Totals for one rule label: ``{"out_forwarded": n, "in_delivered": n, ...}``."""
+        label = self._rule_v(rule)
+        return {
+            f"{d}_{res}": self._rule_totals.get((label, d, res), 0)
+            for d in DIRECTIONS
+            for res in MESSAGE_RESULTS
+        }
+
     def set_inflight(self, n: int, limit: int | None = None) -> None:
         """Set the number of messages in flight to the peer (and the window, if given)."""
+        self.inflight = max(0, n)
+        if limit is not None:
+            self.inflight_limit = limit
         self._inflight.set(max(0, n))
         if limit is not None:
             self._inflight_limit.set(limit)

@@ -4,7 +4,7 @@ Layout (docs/keysource.md shows a complete file)::
 
     [link]        the QKD link model (keysource.link.LinkParams)
     [sync]        CA of the KME-to-KME channel (two-process mode)
-    [kme_a]       KME A: its ETSI 014 API, admin endpoint, sync endpoint, attached SAEs
+    [kme_a]       KME A: its ETSI 014 API, optional SKIP API, admin, sync endpoint, attached SAEs
     [kme_b]       KME B: the same
 
 Relative paths are relative to the folder of the file. In two-process mode (``--kme A`` and
@@ -87,6 +87,11 @@ class KmeSection(_Section):
     kme_id: str = Field(..., pattern=_ID_PATTERN, description="KME ID (source/target_KME_ID).")
     sae_ids: list[str] = Field(..., min_length=1, description="SAE IDs attached to this KME.")
     listen: str = Field(..., description="HOST:PORT of the ETSI 014 API (HTTPS, mutual TLS).")
+    skip_listen: str | None = Field(
+        None,
+        description="HOST:PORT of the Cisco SKIP API (HTTPS, mutual TLS, same certificates and "
+        "key pool as the ETSI 014 API); unset: SKIP is not served.",
+    )
     cert: Path = Field(..., description="Server certificate of the API (PEM).")
     key: Path = Field(..., description="Its private key (PEM, mode 0600).")
     ca: Path = Field(..., description="CA that signs SAE client certificates (PEM).")
@@ -105,10 +110,11 @@ class KmeSection(_Section):
     sync_cert: Path = Field(..., description="KME-to-KME certificate, CN = kme_id (PEM).")
     sync_key: Path = Field(..., description="Its private key (PEM, mode 0600).")
 
-    @field_validator("listen", "admin_listen", "sync_listen")
+    @field_validator("listen", "admin_listen", "sync_listen", "skip_listen")
     @classmethod
-    def _hostport(cls, v: str) -> str:
-        split_hostport(v)
+    def _hostport(cls, v: str | None) -> str | None:
+        if v is not None:
+            split_hostport(v)
         return v
 
     @field_validator("sae_ids")

@@ -620,6 +620,7 @@ class Endpoints:
     api: tuple[str, int]
     admin: tuple[str, int]
     sync: tuple[str, int] | None
+    skip: tuple[str, int] | None = None  # Cisco SKIP API (keysource.skip_server), if served
 
 
 def _node(me: KmeSection, other: KmeSection, store: KeyStore, supply: KeySupply) -> KmeNode:
@@ -707,6 +708,13 @@ class SimulatorRunner:
             api = await self._site(
                 make_api_app(node), sec.listen, server_context(sec.cert, sec.key, sec.ca)
             )
+            skip = None
+            if sec.skip_listen is not None:
+                from keysource.skip_server import make_skip_app  # noqa: PLC0415 -- import cycle
+
+                skip = await self._site(
+                    make_skip_app(node), sec.skip_listen, server_context(sec.cert, sec.key, sec.ca)
+                )
             admin = await self._site(make_admin_app(node), sec.admin_listen, None)
             sync = None
             if two_process:
@@ -715,7 +723,7 @@ class SimulatorRunner:
                 sync = await self._site(
                     make_sync_app(node, other.kme_id, owner), sec.sync_listen, sctx
                 )
-            self.endpoints[name] = Endpoints(api, admin, sync)
+            self.endpoints[name] = Endpoints(api, admin, sync, skip)
             log.info(
                 "KME %s (%s) serving ETSI 014 on https://%s:%d for SAEs %s; admin http://%s:%d%s",
                 name,
@@ -725,6 +733,10 @@ class SimulatorRunner:
                 *admin,
                 f"; sync https://{sync[0]}:{sync[1]}" if sync else "",
             )
+            if skip is not None:
+                log.info(
+                    "KME %s (%s) serving Cisco SKIP on https://%s:%d", name, node.kme_id, *skip
+                )
 
     async def stop(self) -> None:
         for r in reversed(self._runners):
