@@ -168,7 +168,14 @@ class Gateway:
         """What ``GET /status`` serves (``qgw status``): no key material."""
         st = self.link.status
         view = LinkView(**{f: getattr(st, f) for f in LinkView.__slots__})
-        return collect_status(self.settings, self.metrics, view, certificates=self.certificates)
+        return collect_status(
+            self.settings,
+            self.metrics,
+            view,
+            certificates=self.certificates,
+            tunnels=self.tunnels.status(),
+            bridge_enabled=self.bridge_enabled,
+        )
 
     async def _poll_kme_forever(self) -> None:
         """Ask the KME for its key supply (ETSI 014 status) now and then, for metrics/status."""

@@ -28,6 +28,7 @@ import logging
 import socket
 import struct
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from gateway.config import TunnelSection, split_address
 from gateway.errors import GatewayError, LocalProtocolError, PeerUnavailable
@@ -435,6 +436,28 @@ class TunnelService:
                     self._queue_paused = False
                     for st in list(self._streams.values()):
                         self._update_reading(st)
+
+    def status(self) -> list[dict[str, Any]]:
+        """One entry per configured tunnel, for ``qgw status`` (``/status``)."""
+        active = self.active_streams()
+        out: list[dict[str, Any]] = []
+        for t in self.tunnels:
+            c = self.mux.counters.get(t.name, x.TunnelCounters())
+            out.append(
+                {
+                    "name": t.name,
+                    "end": "listen" if t.listen is not None else "connect",
+                    "address": t.listen if t.listen is not None else t.connect,
+                    "streams_active": active.get(t.name, 0),
+                    "streams_opened": c.streams_opened,
+                    "bytes_sent": c.bytes_sent,
+                    "bytes_received": c.bytes_received,
+                    "window_stalls": c.window_stalls,
+                    "refusals": sum(c.refusals.values()),
+                    "resets": sum(c.resets.values()),
+                }
+            )
+        return out
 
     def report(self) -> TunnelReport:
         """What the metrics (and status lines) show, read at scrape time."""

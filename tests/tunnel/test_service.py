@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from gateway.runtime import Gateway
+from gateway.status import render_text
 from tests.runtime.helpers import free_port, settings, site_pair
 from tests.support.sites import metric_value, parse_metrics
 
@@ -118,3 +119,18 @@ async def test_graceful_stop_resets_the_peers_streams(pair: Pair) -> None:
     c = pair.b.tunnels.mux.counters["echo"]
     assert c.resets["going_away"] == 1
     assert not pair.b.tunnels.mux.streams
+
+
+async def test_status_shows_the_tunnels(pair: Pair) -> None:
+    await roundtrip(pair.port, b"s" * 1234)
+    doc = pair.a.status_document()
+    (t,) = doc["tunnels"]
+    assert t["name"] == "echo"
+    assert t["end"] == "listen"
+    assert t["bytes_sent"] == 1234
+    assert t["streams_opened"] == 1
+    assert doc["broker"]["enabled"] is False
+    text = render_text(doc)
+    assert f"tunnel echo (listen 127.0.0.1:{pair.port}): 0 streams open, 1 opened" in text
+    assert "broker: not used (tunnel only)" in text
+    assert pair.b.status_document()["tunnels"][0]["end"] == "connect"
