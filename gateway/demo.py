@@ -4,6 +4,11 @@
 simulator pair (one process serving KME A and KME B over mTLS, one simulated QKD link), both
 gateways as real ``qgw run`` processes; then sample messages are published at site A and
 counted as they arrive at site B, with a live status line, until Ctrl-C or ``--duration``.
+
+``--mode bridge`` (default): the gateways' own MQTT bridge carries the messages (topic rules).
+``--mode tunnel``: the gateways have no topic rules; broker A's own mosquitto bridge
+(``connection`` in its mosquitto.conf) connects to gateway A's ``[[tunnel]]`` listen port, and
+gateway B dials broker B for each stream: mosquitto's bridge runs through the qgw session.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,14 +36,40 @@ from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.bridge.mosquitto import Mosquitto
-from gateway.config import load_settings
+from gateway.config import load_settings, to_toml
 from gateway.errors import GatewayError
-from gateway.initdemo import init_demo
+from gateway.initdemo import free_ports, init_demo
 
 DEMO_REKEY_SECONDS = 10.0  # a rekey shows within 15 s
 PUBLISH_PER_SECOND = 20
 DRAIN_SECONDS = 15.0
 START_TIMEOUT_SECONDS = 30.0
+TUNNEL_NAME = "mqtt-bridge"
+MODES = ("bridge", "tunnel")
+
+
+def bridge_config(tunnel_port: int) -> str:
+    """mosquitto.conf lines for broker A: its own bridge to broker B, through gateway A's tunnel."""
+    return "\n".join(
+        [
+            "connection qgw-tunnel",
+            f"address 127.0.0.1:{tunnel_port}",
+            "topic demo/# out 1",
+            "cleansession false",
+            "clientid demo-bridge-a-to-b",
+            "bridge_protocol_version mqttv311",
+            "try_private true",
+            "restart_timeout 1 5",
+            "keepalive_interval 30",
+            "",
+        ]
+    )
+
+
+def _edit_toml(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    data = tomllib.loads(path.read_text())
+    change(data)
+    path.write_text(to_toml(data))
 
 
 class DemoError(GatewayError):
@@ -123,11 +156,13 @@ class Demo:
         rate: int,
         *,
         keep: bool = True,
+        mode: str = "bridge",
         eve_at: float | None = None,
         eve_fraction: float = 1.0,
         eve_for: float | None = None,
     ) -> None:
         self.root = root
+        self.mode = mode
         self.eve_off_at = None if eve_at is None or eve_for is None else eve_at + eve_for
         self.eve_at = eve_at
         self.eve_fraction = eve_fraction
@@ -176,12 +211,32 @@ class Demo:
         ports = res.ports
         self.kme_state = f"http://127.0.0.1:{ports.kme_a_admin}/admin/state"
         self.kme_link = f"http://127.0.0.1:{ports.kme_a_admin}/admin/link"
-        print(f"demo folder: {self.root}")
+        print(f"demo folder: {self.root} (mode {self.mode})")
+        extra = {ports.mqtt_a: "", ports.mqtt_b: ""}
+        if self.mode == "tunnel":
+            (tunnel_port,) = free_ports(1)
+
+            def site_a(d: dict[str, Any]) -> None:
+                d["mqtt"]["rules"] = []  # the brokers' own bridge carries the messages
+                d["tunnel"] = [{"name": TUNNEL_NAME, "listen": f"127.0.0.1:{tunnel_port}"}]
+
+            def site_b(d: dict[str, Any]) -> None:
+                d["mqtt"]["rules"] = []
+                d["tunnel"] = [{"name": TUNNEL_NAME, "connect": f"127.0.0.1:{ports.mqtt_b}"}]
+
+            _edit_toml(self.root / "site-a.toml", site_a)
+            _edit_toml(self.root / "site-b.toml", site_b)
+            extra[ports.mqtt_a] = bridge_config(tunnel_port)
         for port in (ports.mqtt_a, ports.mqtt_b):
-            b = Mosquitto(self.root / f"mosquitto-{port}", port=port)
+            b = Mosquitto(self.root / f"mosquitto-{port}", port=port, extra_config=extra[port])
             b.start()
             self.brokers.append(b)
         print(f"  mosquitto site A 127.0.0.1:{ports.mqtt_a}, site B 127.0.0.1:{ports.mqtt_b}")
+        if self.mode == "tunnel":
+            print(
+                f"  broker A's own bridge -> gateway A tunnel {TUNNEL_NAME!r} "
+                f"127.0.0.1:{tunnel_port} ==qgw==> gateway B -> broker B"
+            )
         self._spawn("kme", ["kme", "serve", "--config", str(res.kme_config)])
         self._wait_for(
             "the KME simulator",
@@ -209,6 +264,16 @@ class Demo:
             ),
         )
         self.ports = ports
+        if self.mode == "tunnel":
+            # Publish only once broker A's bridge is connected through the tunnel: QoS 1
+            # messages are queued for the bridge from its first connection on.
+            self._wait_for(
+                "broker A's bridge to connect through the tunnel",
+                lambda: (
+                    _sum(_scrape(self.metrics_b), "qgw_tunnel_streams_active", TUNNEL_NAME) >= 1
+                ),
+            )
+            time.sleep(1.0)  # the bridge's CONNECT / SUBSCRIBE round trips
 
     # --- MQTT clients ---
 
@@ -268,6 +333,19 @@ class Demo:
             f"last rekey {age:4.1f}s ago | {link_label(_link_state(self.kme_state))} | "
             f"QKD keys used {keys}{' | ALARM ' + ','.join(alarms) if alarms else ''} | "
             f"published {c.published}, delivered {delivered} ({rate:.1f} msg/s)"
+            f"{self.tunnel_status(a)}"
+        )
+
+    def tunnel_status(self, a: dict[str, float]) -> str:
+        """`` | tunnel mqtt-bridge: 1 stream, 12.3 KiB out`` (tunnel mode only)."""
+        if self.mode != "tunnel":
+            return ""
+        streams = int(_sum(a, "qgw_tunnel_streams_active", TUNNEL_NAME))
+        sent = _sum(a, "qgw_tunnel_bytes_total", "direction=sent")
+        resets = int(_sum(a, "qgw_tunnel_resets_total", TUNNEL_NAME))
+        return (
+            f" | tunnel {TUNNEL_NAME}: {streams} stream{'s' if streams != 1 else ''}, "
+            f"{sent / 1024:.1f} KiB out, {resets} resets"
         )
 
     def suite_label(self, a: dict[str, float]) -> str:
@@ -347,6 +425,14 @@ class Demo:
         print(
             f"  suite               {self.suite_label(a)} (AES-256-GCM, HKDF-SHA-384), auth ML-DSA PKI"
         )
+        if self.mode == "tunnel":
+            opened = int(_sum(a, "qgw_tunnel_streams_total", "event=opened"))
+            sent = int(_sum(a, "qgw_tunnel_bytes_total", "direction=sent"))
+            got = int(_sum(a, "qgw_tunnel_bytes_total", "direction=received"))
+            print(
+                f"  carried by          mosquitto's own bridge through tunnel {TUNNEL_NAME!r}: "
+                f"{opened} streams, {sent} bytes A->B, {got} bytes B->A"
+            )
         print(f"  duration            {elapsed:.1f} s")
         print(f"  messages published  {c.published} at site A (QoS 1)")
         print(f"  messages delivered  {delivered} at site B ({c.duplicates} duplicates)")
@@ -389,6 +475,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         args.duration,
         args.rate,
         keep=args.keep or not own,
+        mode=args.mode,
         eve_at=args.eve_at,
         eve_fraction=args.eve_fraction,
         eve_for=args.eve_for,
@@ -442,5 +529,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=None,
         metavar="SECONDS",
         help="switch the eavesdropper off again after SECONDS (default: stays on)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="bridge",
+        help="bridge: the gateways' MQTT bridge carries the messages (default); tunnel: broker "
+        "A's own mosquitto bridge runs through a qgw [[tunnel]] to broker B",
     )
     p.set_defaults(handler=cmd_demo)

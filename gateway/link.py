@@ -224,7 +224,9 @@ class _Session:
             while self.conn.state is not State.CLOSED:
                 await self._handle_events()
                 self.flush()
-                await self.writer.drain()
+                # No drain() here: a read loop that waits for its own writes deadlocks when
+                # both gateways send in bulk at once (each waits for the other to read).
+                # Application sends wait in PeerLink.send; what this loop writes is small.
                 if self.is_closed():
                     break
                 now = self.now()
