@@ -404,6 +404,67 @@ class MetricsSection(Section):
         return v if v == "" else _check_hostport(v)
 
 
+def _check_tunnel_address(value: str, key: str) -> str:
+    """``host:port`` of a tunnel end, with a message in words (IPv6 as ``[::1]:port``)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f'{key} = {value!r} is not HOST:PORT (e.g. "127.0.0.1:1884")')
+    if host.startswith("["):
+        if not host.endswith("]") or len(host) < 3:
+            raise ValueError(f"{key} = {value!r}: an IPv6 address is written [ADDRESS]:PORT")
+    elif ":" in host:
+        raise ValueError(f"{key} = {value!r}: write an IPv6 address in brackets, [ADDRESS]:PORT")
+    if any(c.isspace() for c in host):
+        raise ValueError(f"{key} = {value!r}: the host contains white space")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{key} = {value!r}: the port must be a number from 0 to 65535")
+    return value
+
+
+def split_address(value: str) -> tuple[str, int]:
+    """A validated tunnel ``host:port`` as (host without brackets, port)."""
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class TunnelSection(Section):
+    """One ``[[tunnel]]``: a TCP service carried between the sites as streams (docs/tunnel.md).
+
+    The same ``name`` is configured on both gateways: on one with ``listen`` (local clients
+    connect there), on the other with ``connect`` (the local destination dialled for each
+    stream the peer opens by this name). A peer can only name tunnels; it never chooses an
+    address."""
+
+    name: str = Field(
+        ...,
+        pattern=r"^[A-Za-z0-9._-]{1,63}$",
+        description="Tunnel name, the same on both gateways ([A-Za-z0-9._-], 1 to 63 characters).",
+    )
+    listen: str | None = Field(
+        None,
+        description="HOST:PORT where this gateway accepts local TCP clients for this tunnel.",
+    )
+    connect: str | None = Field(
+        None,
+        description="HOST:PORT this gateway dials for each stream the peer opens by this name.",
+    )
+
+    @model_validator(mode="after")
+    def _one_end(self) -> TunnelSection:
+        if (self.listen is None) == (self.connect is None):
+            raise ValueError(
+                f"tunnel {self.name!r} needs exactly one of listen (this gateway accepts local "
+                "clients) or connect (this gateway dials the local destination)"
+            )
+        if self.listen is not None:
+            _check_tunnel_address(self.listen, "listen")
+        if self.connect is not None:
+            _check_tunnel_address(self.connect, "connect")
+            if split_address(self.connect)[1] == 0:
+                raise ValueError(f"tunnel {self.name!r}: connect needs a port other than 0")
+        return self
+
+
 class LoggingSection(Section):
     """Logging. Secrets are never logged; a filter redacts anything that looks like one."""
 
@@ -436,6 +497,20 @@ class Settings(BaseSettings):
     )
     metrics: MetricsSection = Field(default_factory=MetricsSection, description="Metrics HTTP.")
     logging: LoggingSection = Field(default_factory=LoggingSection, description="Logging.")
+    tunnel: list[TunnelSection] = Field(
+        default_factory=list,
+        description="Tunnels ([[tunnel]]): TCP services carried between the sites as streams.",
+    )
+
+    @field_validator("tunnel")
+    @classmethod
+    def _unique_tunnels(cls, v: list[TunnelSection]) -> list[TunnelSection]:
+        seen: set[str] = set()
+        for t in v:
+            if t.name in seen:
+                raise ValueError(f"tunnel name {t.name!r} is used twice; names must be unique")
+            seen.add(t.name)
+        return v
 
     @classmethod
     def settings_customise_sources(
@@ -690,6 +765,12 @@ def to_toml(data: dict[str, Any]) -> str:
         raise TypeError(type(v).__name__)
 
     for section, body in data.items():
+        if isinstance(body, list):  # a top-level array of tables, e.g. [[tunnel]]
+            for row in body:
+                out.append(f"[[{section}]]")
+                out.extend(f"{rk} = {scalar(rv)}" for rk, rv in row.items() if rv is not None)
+                out.append("")
+            continue
         tables = {
             k: v for k, v in body.items() if isinstance(v, list) and v and isinstance(v[0], dict)
         }

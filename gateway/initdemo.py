@@ -141,6 +141,9 @@ KME_TOML = """\
 # Format and presets: docs/keysource.md. Paths are relative to this file.
 
 [link]                          # the simulated QKD link shared by KME A and KME B
+# model: "rate" (key accrues at rate_bps, QBER qber) or "bb84" (key from a simulated
+# decoy-state BB84 link, [link.bb84] below; rate_bps and qber are then not used)
+model = "{model}"
 rate_bps = 100000.0             # secret key rate at the qber below (metro link: 1e5 .. 2e6)
 key_size = 256                  # default key size (bits)
 min_key_size = 64
@@ -151,7 +154,7 @@ qber = 0.02                     # quantum bit error rate without an eavesdropper
 qber_abort_threshold = 0.11     # above this the link aborts (eavesdropper: ~25 %)
 initial_keys = 100              # keys in the pool at start
 
-[sync]                          # KME-to-KME channel (two-process mode only), mutual TLS
+{bb84}[sync]                          # KME-to-KME channel (two-process mode only), mutual TLS
 ca = "kme-pki/sync-ca.crt"
 timeout_seconds = 5.0
 
@@ -183,10 +186,32 @@ sync_key = "kme-pki/kme-b-sync.key"
 """
 
 
-def write_kme_config(root: Path, ports: DemoPorts) -> Path:
-    """Write ``root/kme.toml`` and check that it loads."""
+KME_TOML_BB84 = """\
+[link.bb84]                     # decoy-state BB84 link (model = "bb84"; docs/keysource.md 3.7)
+preset = "metro"                # gys | metro | long; keys below override the preset
+distance_km = 25.0              # fibre length
+pulse_rate_hz = 1.0e7           # metro's 1 GHz scaled to 10 MHz: post-processing keeps up live
+block_sifted_bits = 262144      # sifted Z bits per block (~3.3 s of link time here)
+eve_ir_fraction = 0.0           # intercept-resend on this fraction of the pulses
+eve_pns_fraction = 0.0          # photon-number splitting on this fraction
+eps_sec = 1e-9                  # finite-key secrecy parameter (Lim et al. 2014)
+eps_cor = 1e-15                 # correctness parameter (verification tag)
+
+"""
+
+
+def write_kme_config(root: Path, ports: DemoPorts, link_model: str = "rate") -> Path:
+    """Write ``root/kme.toml`` and check that it loads (``link_model``: "rate" or "bb84")."""
+    if link_model not in ("rate", "bb84"):
+        raise ValueError("link_model must be 'rate' or 'bb84'")
     text = KME_TOML.format(
-        p=ports, kme_a_id=KME_IDS[0], kme_b_id=KME_IDS[1], sae_a=SAE_IDS[0], sae_b=SAE_IDS[1]
+        p=ports,
+        kme_a_id=KME_IDS[0],
+        kme_b_id=KME_IDS[1],
+        sae_a=SAE_IDS[0],
+        sae_b=SAE_IDS[1],
+        model=link_model,
+        bb84=KME_TOML_BB84 if link_model == "bb84" else "",
     )
     path = root / "kme.toml"
     path.write_text(text, encoding="utf-8")
@@ -299,11 +324,14 @@ def init_demo(
     kme_hosts: tuple[str, ...] = (),
     key_source: str = "etsi014",
     *,
+    link_model: str = "rate",
     auth: str = "pki",
 ) -> DemoResult:
     """Write the whole demo set into ``root`` (refuses to overwrite unless ``force``).
 
     ``key_source``: how the gateways fetch QKD keys from the simulator (``etsi014`` or ``skip``).
+    ``link_model`` of kme.toml: "rate" (fast; what tests use) or "bb84" (``qgw init-demo`` and
+    ``qgw demo``: the keys come from a simulated BB84 link).
     ``auth``: the bootstrap mode the site configs use (``pki``, ``psk`` or ``wot``).
     """
     if auth not in AUTH_MODES:
@@ -319,7 +347,7 @@ def init_demo(
     os.chmod(root, 0o700)
     ports = DemoPorts.pick(base_port)
     write_kme_pki(root, kme_hosts)
-    kme = write_kme_config(root, ports)
+    kme = write_kme_config(root, ports, link_model)
     write_psk(root)
     write_gateway_pki(root, list(SITES), force=force)
     sites = site_sections(ports, key_source)
@@ -338,7 +366,13 @@ def init_demo(
 
 def cmd_init_demo(args: argparse.Namespace) -> int:
     res = init_demo(
-        args.dir, args.base_port, args.force, tuple(args.kme_host), args.key_source, auth=args.auth
+        args.dir,
+        args.base_port,
+        args.force,
+        tuple(args.kme_host),
+        args.key_source,
+        link_model=args.link_model,
+        auth=args.auth,
     )
     print(f"demo written to {res.root}")
     for k, v in asdict(res.ports).items():
@@ -387,4 +421,11 @@ def register(sub: Any) -> None:
         "the web of trust (DIR/wot/: one full and three marginal introducers)",
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing demo in DIR")
+    p.add_argument(
+        "--link-model",
+        choices=["bb84", "rate"],
+        default="bb84",
+        help="QKD link model in kme.toml: bb84 (keys from a simulated decoy-state BB84 link, "
+        "default) or rate (a bare key rate; fast)",
+    )
     p.set_defaults(handler=cmd_init_demo)

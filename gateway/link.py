@@ -86,6 +86,23 @@ POLICY_IDS = {
 }
 
 
+SESSION_UP = "session %s with %s: epoch %d, %s%s%s"
+
+#: What a peer's refusal during the handshake means for the operator (logged, counted).
+PEER_REJECTION_HINTS: dict[L.Alert, str] = {
+    L.Alert.BAD_CERTIFICATE: "the peer does not accept our certificate (check that its auth.ca "
+    "holds the CA that signed our auth.cert, and the certificate's validity)",
+    L.Alert.WRONG_IDENTITY: "our identity is not the peer's auth.peer_name",
+    L.Alert.AUTHENTICATION_FAILED: "our signature or PSK MAC did not verify at the peer (key not "
+    "matching the certificate, or a different PSK)",
+    L.Alert.ADMISSION_FAILED: "the peer refused our HELLO proof (different PSK or chain)",
+    L.Alert.SUITE_MISMATCH: "crypto.suite differs between the two sites",
+    L.Alert.AUTH_MODE_MISMATCH: "auth.mode differs between the two sites",
+    L.Alert.QKD_POLICY_MISMATCH: "qkd.mode differs between the two sites",
+    L.Alert.UNSUPPORTED_VERSION: "the peer speaks another protocol version",
+}
+
+
 @dataclass
 class LinkStatus:
     """What the demo's status line and /readyz show."""
@@ -145,6 +162,9 @@ class _Session:
         self.admitted = False  # responder: a valid HELLO arrived (AD4)
         self.authenticated = False  # responder: ... proven with the chain key or the PSK
         self.count_ok: str | None = None  # initiator: handshake reason to count once R confirms
+        self.confirmed = False  # initiator: R's first record of the session arrived
+        # initiator: the "session up" log line, held until R confirms (level, args, fields)
+        self.up_message: tuple[int, tuple[object, ...], dict[str, object]] | None = None
         self.refused_before_admit = False  # initiator: closed by the peer before ADMIT
 
     def hello_deadline(self) -> float | None:
@@ -204,7 +224,9 @@ class _Session:
             while self.conn.state is not State.CLOSED:
                 await self._handle_events()
                 self.flush()
-                await self.writer.drain()
+                # No drain() here: a read loop that waits for its own writes deadlocks when
+                # both gateways send in bulk at once (each waits for the other to read).
+                # Application sends wait in PeerLink.send; what this loop writes is small.
                 if self.is_closed():
                     break
                 now = self.now()
@@ -325,7 +347,14 @@ class _Session:
                 link.metrics.set_alarm(
                     "kme_unreachable", kind in ("unavailable", "timeout", "unauthorized")
                 )
-                log.warning("QKD key source: %s failed (%s): %s", op, kind, exc)
+                log.warning(
+                    "QKD key source %s: %s failed (%s): %s",
+                    link.settings.qkd.kme_url,
+                    op,
+                    kind,
+                    exc,
+                    extra={"event": "kme_error", "reason": kind},
+                )
         if self.is_closed():
             return
         try:
@@ -492,6 +521,7 @@ class PeerLink:
         self._stopping = False
         self._listen_port: int | None = None
         self._rebootstrap_next = False
+        self._down_since: float | None = None
         self.internal_errors = 0
         # responder: connections without a valid HELLO yet, oldest first (the pending pool, §7)
         self._pending: dict[_Pending | _Session, None] = {}
@@ -619,6 +649,13 @@ class PeerLink:
                 ok = await self._serve_connection(reader, writer)
                 if ok:
                     delay = 0.5
+                elif not self.last_load_refusal and not self.stopping():
+                    log.info(
+                        "no session with the peer (%s); retry with back-off %.1f s",
+                        self.status.last_close or "closed",
+                        delay,
+                        extra={"event": "retry", "reason": self.status.last_close},
+                    )
                 elif self.last_load_refusal:
                     # refused before ADMIT (alert 17, eviction): the responder is loaded, we
                     # spent no QKD key; retry soon without growing the back-off
@@ -655,7 +692,7 @@ class PeerLink:
     async def _serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> bool:
-        """Run one connection; True if it reached ESTABLISHED."""
+        """Run one connection; True if it reached ESTABLISHED (initiator: confirmed by R)."""
         conn = Connection(self.params, self.auth, self.provider, self.rng, self.assoc)
         s = _Session(self, conn, reader, writer)
         self.status.connected = True
@@ -669,6 +706,8 @@ class PeerLink:
         finally:
             if self._current is s:
                 self._lost()
+        if self.role is CoreRole.INITIATOR:
+            return s.confirmed  # an unconfirmed session (R refused CONFIRM) must back off
         return s.established.is_set()
 
     # --- responder ---
@@ -837,6 +876,19 @@ class PeerLink:
             self._trusted_sources.popitem(last=False)
 
     def _lost(self) -> None:
+        if self._up.is_set() and not self._stopping:
+            self._down_since = time.monotonic()
+            log.warning(
+                "lost the session with %s: %s",
+                self.settings.auth.peer_name,
+                self.status.last_close or "connection closed",
+                extra={
+                    "event": "session_lost",
+                    "peer": self.settings.auth.peer_name,
+                    "epoch": self.status.epoch,
+                    "reason": self.status.last_close,
+                },
+            )
         self._current = None
         self._up.clear()
         self.status.connected = self.status.established = False
@@ -862,6 +914,11 @@ class PeerLink:
         reason, s.count_ok = s.count_ok, None
         if reason is None:
             return
+        s.confirmed = True
+        if s.up_message is not None:
+            level, args, fields = s.up_message
+            log.log(level, SESSION_UP, *args, extra=fields)
+            s.up_message = None
         if reason == "resumed":
             self.status.resumptions += 1
         else:
@@ -910,14 +967,27 @@ class PeerLink:
         self.metrics.set_peer_connected(True)
         self.metrics.set_session("established", ev.epoch, time.monotonic())
         self._set_mode(ev.qkd_used)
-        log.info(
-            "session %s with %s: epoch %d, %s%s",
+        down = None if self._down_since is None else time.monotonic() - self._down_since
+        self._down_since = None
+        args: tuple[object, ...] = (
             reason,
             ev.peer.name,
             ev.epoch,
             ev.suite,
             "+QKD" if ev.qkd_used else " (no QKD)",
+            "" if down is None else f" (restored after {down:.1f} s down)",
         )
+        fields: dict[str, object] = {
+            "event": "session_up",
+            "peer": ev.peer.name,
+            "epoch": ev.epoch,
+            "reason": reason,
+        }
+        level = logging.INFO if down is None else logging.WARNING
+        if self.role is CoreRole.INITIATOR and s.count_ok is not None:
+            s.up_message = (level, args, fields)  # logged when R confirms (honest state)
+        else:
+            log.log(level, SESSION_UP, *args, extra=fields)
         self._up.set()
 
     def _on_rekey(self, s: _Session, ev: RekeyComplete) -> None:
@@ -951,7 +1021,11 @@ class PeerLink:
             self._rebootstrap_next = True
         if ev.kind == "rekey_failed":
             self.metrics.rekey("failed")
-        log.warning("alarm %s: %s", ev.kind, ev.detail)
+        fields = {"event": "alarm" if ev.active else "alarm_cleared", "reason": ev.kind}
+        if ev.active:
+            log.warning("alarm %s: %s", ev.kind, ev.detail, extra=fields)
+        else:
+            log.info("alarm %s cleared: %s", ev.kind, ev.detail, extra=fields)
 
     def _on_closed(self, s: _Session, ev: Closed) -> None:
         st = self.status
@@ -986,7 +1060,32 @@ class PeerLink:
             return
         st.last_close = text
         level = logging.INFO if ev.alert is L.Alert.CLOSE_NOTIFY else logging.WARNING
-        log.log(level, "connection closed: %s", st.last_close)
+        fields = {
+            "event": "connection_closed",
+            "peer": self.settings.auth.peer_name,
+            "alert": ev.alert.name.lower(),
+            "reason": ev.reason,
+        }
+        sent = ev.peer_code if ev.by_peer else None
+        peer_alert = (
+            L.Alert(sent) if sent is not None and sent in L.Alert._value2member_map_ else None
+        )
+        hint = PEER_REJECTION_HINTS.get(peer_alert) if peer_alert is not None else None
+        if hint is not None and (not s.established.is_set() or ev.refused_unconfirmed):
+            assert peer_alert is not None
+            name = peer_alert.name.lower()
+            self.metrics.peer_rejection(name)
+            fields.update(event="peer_rejected", alert=name)
+            log.warning(
+                "peer rejected us: %s (alert %d): %s%s",
+                name,
+                peer_alert,
+                hint,
+                "; our side of that bootstrap is discarded" if ev.refused_unconfirmed else "",
+                extra=fields,
+            )
+            return
+        log.log(level, "connection closed: %s", st.last_close, extra=fields)
 
     async def _deliver(self, data: bytes, via: _Session) -> None:
         try:

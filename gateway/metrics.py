@@ -27,6 +27,19 @@ Metric names (all ``qgw_``-prefixed, units in the name)::
     qgw_record_auth_failures_total                    counter
     qgw_records_total{direction}                      counter, direction = sent | received
     qgw_bytes_total{direction}                        counter, record plaintext bytes
+    qgw_tunnel_streams_total{tunnel,event}            counter, event = opened | closed
+    qgw_tunnel_streams_active{tunnel}                 gauge
+    qgw_tunnel_bytes_total{tunnel,direction}          counter, stream bytes, sent | received
+    qgw_tunnel_window_stalls_total{tunnel}            counter, send credit used up (peer slower)
+    qgw_tunnel_refusals_total{tunnel,reason}          counter, streams not opened
+    qgw_tunnel_resets_total{tunnel,reason}            counter, streams aborted
+    qgw_tunnel_buffered_bytes{tunnel}                 gauge, held for local sockets (write buffers)
+    qgw_tunnel_send_queue_bytes                       gauge, tunnel payloads waiting for the link
+    qgw_tunnel_errors_total{kind}                     counter, decode | protocol | stale | send
+
+The ``qgw_tunnel_*`` series are read at scrape from the tunnel service (no copying); their
+``tunnel`` label is a configured tunnel name or ``-unknown-`` (names a peer asked for that are
+not configured: peer-chosen strings never become label values).
 
 Label cardinality is bounded: labels with a fixed vocabulary (state, direction, result, role,
 operation, mode) map anything else to ``"other"``; free-form labels (handshake reason, KME
@@ -40,7 +53,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from prometheus_client import (
     CollectorRegistry,
@@ -50,6 +64,8 @@ from prometheus_client import (
     disable_created_metrics,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from gateway import __version__
 from gateway.errors import (
@@ -74,6 +90,8 @@ __all__ = [
     "RECORD_DIRECTIONS",
     "SESSION_STATES",
     "Metrics",
+    "TunnelReport",
+    "TunnelSample",
     "kme_error_kind",
 ]
 
@@ -113,6 +131,104 @@ BRIDGE_EVENTS = (
 )
 
 # KME latency buckets (seconds): a local KME answers in milliseconds; timeouts are seconds.
+TUNNEL_REFUSALS = (
+    "unknown_tunnel",
+    "connect_failed",
+    "too_many_streams",
+    "going_away",
+    "link_down",
+)
+TUNNEL_RESETS = ("aborted", "protocol_error", "going_away", "internal_error", "link_down")
+TUNNEL_ERRORS = ("decode", "protocol", "stale", "send")
+
+
+@dataclass(frozen=True)
+class TunnelSample:
+    """What the tunnel service reports for one tunnel name at scrape time."""
+
+    streams_opened: int = 0
+    streams_closed: int = 0
+    streams_active: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    window_stalls: int = 0
+    refusals: Mapping[str, int] = field(default_factory=dict)
+    resets: Mapping[str, int] = field(default_factory=dict)
+    buffered_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class TunnelReport:
+    tunnels: Mapping[str, TunnelSample]
+    send_queue_bytes: int = 0
+    errors: Mapping[str, int] = field(default_factory=dict)
+
+
+class _TunnelCollector(Collector):
+    """The qgw_tunnel_* families, built from a fresh :class:`TunnelReport` at every scrape."""
+
+    def __init__(self, source: Callable[[], TunnelReport]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        rep = self._source()
+        streams = CounterMetricFamily(
+            "qgw_tunnel_streams", "Tunnel streams opened and closed.", labels=["tunnel", "event"]
+        )
+        active = GaugeMetricFamily(
+            "qgw_tunnel_streams_active", "Tunnel streams open now.", labels=["tunnel"]
+        )
+        nbytes = CounterMetricFamily(
+            "qgw_tunnel_bytes",
+            "Tunnel stream bytes sent to and received from the peer.",
+            labels=["tunnel", "direction"],
+        )
+        stalls = CounterMetricFamily(
+            "qgw_tunnel_window_stalls",
+            "Times a stream used up the send window the peer granted (the far side is slower).",
+            labels=["tunnel"],
+        )
+        refusals = CounterMetricFamily(
+            "qgw_tunnel_refusals",
+            "Tunnel streams not opened, by reason.",
+            labels=["tunnel", "reason"],
+        )
+        resets = CounterMetricFamily(
+            "qgw_tunnel_resets", "Tunnel streams aborted, by reason.", labels=["tunnel", "reason"]
+        )
+        buffered = GaugeMetricFamily(
+            "qgw_tunnel_buffered_bytes",
+            "Bytes the gateway holds for local tunnel sockets (their write buffers).",
+            labels=["tunnel"],
+        )
+        for name, t in rep.tunnels.items():
+            label = str(name)[:MAX_LABEL_LENGTH]
+            streams.add_metric([label, "opened"], t.streams_opened)
+            streams.add_metric([label, "closed"], t.streams_closed)
+            active.add_metric([label], t.streams_active)
+            nbytes.add_metric([label, "sent"], t.bytes_sent)
+            nbytes.add_metric([label, "received"], t.bytes_received)
+            stalls.add_metric([label], t.window_stalls)
+            for reason in sorted({*TUNNEL_REFUSALS, *t.refusals}):
+                refusals.add_metric([label, reason], t.refusals.get(reason, 0))
+            for reason in sorted({*TUNNEL_RESETS, *t.resets}):
+                resets.add_metric([label, reason], t.resets.get(reason, 0))
+            buffered.add_metric([label], t.buffered_bytes)
+        queue = GaugeMetricFamily(
+            "qgw_tunnel_send_queue_bytes", "Tunnel payloads waiting for the peer link (bytes)."
+        )
+        queue.add_metric([], rep.send_queue_bytes)
+        errors = CounterMetricFamily(
+            "qgw_tunnel_errors",
+            "Tunnel messages from the peer that were undecodable, broke the stream rules, or "
+            "named a stream that is gone; and tunnel payloads the link did not take.",
+            labels=["kind"],
+        )
+        for kind in sorted({*TUNNEL_ERRORS, *rep.errors}):
+            errors.add_metric([kind], rep.errors.get(kind, 0))
+        yield from (streams, active, nbytes, stalls, refusals, resets, buffered, queue, errors)
+
+
 _KME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -236,6 +352,14 @@ class Metrics:
             "qgw_last_handshake_timestamp_seconds",
             "Unix time of the last bootstrap or resumption handshake, by result (ok|failed).",
             ["result"],
+            registry=r,
+        )
+        self._rejection_v = _Vocabulary()
+        self._peer_rejections = Counter(
+            "qgw_peer_rejections",
+            "Handshakes the peer refused, by alert (bad_certificate, wrong_identity, "
+            "authentication_failed, admission_failed, *_mismatch, unsupported_version).",
+            ["alert"],
             registry=r,
         )
         self._reloads = Counter(
@@ -510,6 +634,10 @@ class Metrics:
         """Declare the configured peer (``qgw_peer_info``)."""
         self._peer_info.labels(peer=name, address=address).set(1)
 
+    def peer_rejection(self, alert: str) -> None:
+        """Count a handshake the peer refused with ``alert`` (e.g. bad_certificate)."""
+        self._peer_rejections.labels(alert=self._rejection_v(alert)).inc()
+
     def config_reload(self, result: str) -> None:
         """Count a SIGHUP reload: ``result`` ok|failed."""
         self._reloads.labels(result="ok" if result == "ok" else "failed").inc()
@@ -658,6 +786,12 @@ class Metrics:
             self._records.labels(direction=label).inc(count)
         if nbytes > 0:
             self._bytes.labels(direction=label).inc(nbytes)
+
+    # -- tunnels -------------------------------------------------------------------------
+
+    def attach_tunnels(self, source: Callable[[], TunnelReport]) -> None:
+        """Serve the qgw_tunnel_* families from ``source``, called at every scrape."""
+        self.registry.register(_TunnelCollector(source))
 
     # -- readiness -----------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 Wires the pieces: credentials -> core authenticator, key source (ETSI 014 client or static),
 peer link (asyncio shell around the core), the secure transport (PUB/ACK over the link), the
-MQTT bridge, metrics and health HTTP. Stops cleanly on SIGTERM/SIGINT: the bridge stops taking
+MQTT bridge, the tunnel streams (``[[tunnel]]``; payload kinds 0x10-0x1F are routed to them,
+the rest to the bridge transport), metrics and health HTTP. Stops cleanly on SIGTERM/SIGINT: the bridge stops taking
 messages and lets in-flight forwards finish, then the session is closed with an authenticated
 CLOSE; whatever was not acknowledged stays at the broker for the next start.
 """
@@ -21,7 +22,7 @@ from typing import Any
 
 from gateway import sdnotify
 from gateway.bridge.bridge import Bridge
-from gateway.config import QkdMode, Settings, load_settings, require_files, rule_label
+from gateway.config import QkdMode, Role, Settings, load_settings, require_files, rule_label
 from gateway.credentials import kme_certificate_not_after, kme_tls_context, load_credentials
 from gateway.crypto import get_provider
 from gateway.errors import BrokerUnavailable, ConfigError, KeySourceError
@@ -32,6 +33,8 @@ from gateway.metrics import Metrics, kme_error_kind
 from gateway.peer_transport import SecureTransport
 from gateway.status import LinkView
 from gateway.status import collect as collect_status
+from gateway.tunnel.messages import is_tunnel_payload
+from gateway.tunnel.sockets import TunnelService
 from keysource import from_settings
 from keysource.base import KeySource
 
@@ -74,20 +77,46 @@ class Gateway:
         self.transport = SecureTransport(self._send)
         self.bridge = Bridge(settings.mqtt, settings.gateway.site_id, self.transport)
         self.transport.attach(self.bridge.deliver)
+        # Tunnel mode ([[tunnel]]): always present, so that an OPEN for a name this gateway
+        # does not serve is refused and counted even when it has no tunnels at all.
+        self.tunnels = TunnelService(
+            settings.tunnel,
+            initiator=settings.gateway.role is Role.INITIATOR,
+            send=self._send,
+            is_up=self._link_is_up,
+        )
+        self.metrics.attach_tunnels(self.tunnels.report)
+        # The MQTT bridge runs when rules are configured, or when there is nothing else to do.
+        self.bridge_enabled = bool(settings.mqtt.rules) or not settings.tunnel
         self.link = PeerLink(
             settings,
             auth=self.auth,
             provider=self.provider,
             keysource=self.keysource,
             metrics=self.metrics,
-            on_message=self.transport.on_payload,
-            on_down=self.transport.link_down,
+            on_message=self._route,
+            on_down=self._link_down,
         )
         self.http: HttpServer | None = None
         self._seen: Counter[tuple[str, ...]] = Counter()  # last total copied, per counter
 
     async def _send(self, payload: bytes, via: object | None) -> None:
         await self.link.send(payload, via)
+
+    def _link_is_up(self) -> bool:
+        return self.link.is_up()
+
+    async def _route(self, payload: bytes, via: object) -> None:
+        """Route one application payload by its kind byte: 0x10-0x1F to the tunnel streams,
+        everything else (the bridge's 0x01-0x0F) to the bridge transport."""
+        if is_tunnel_payload(payload):
+            self.tunnels.on_payload(payload, via)
+        else:
+            await self.transport.on_payload(payload, via)
+
+    def _link_down(self) -> None:
+        self.transport.link_down()
+        self.tunnels.link_down()
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
@@ -96,11 +125,22 @@ class Gateway:
                 s.metrics.listen, self.metrics, self.readiness, self.status_document
             )
             log.info("metrics and health on http://%s:%d/", self.http.host, self.http.port)
+        try:
+            await self.tunnels.start()
+        except OSError as exc:
+            await self.tunnels.stop()
+            if self.http is not None:
+                await self.http.stop()
+            raise ConfigError(
+                [("tunnel", f"cannot listen for a tunnel: {exc.strerror or exc}")]
+            ) from exc
         link_task = asyncio.ensure_future(self._supervise_link(stop))
         sync_task = asyncio.ensure_future(self._sync_metrics_forever())
         kme_task = asyncio.ensure_future(self._poll_kme_forever())
         sdnotify.notify("READY=1")  # started (listening, connecting); /readyz tells "session up"
-        bridge_task = asyncio.ensure_future(self._start_bridge(stop))
+        bridge_task = asyncio.ensure_future(
+            self._start_bridge(stop) if self.bridge_enabled else asyncio.sleep(0)
+        )
         try:
             await stop.wait()
         finally:
@@ -109,6 +149,8 @@ class Gateway:
             bridge_task.cancel()
             with contextlib.suppress(Exception):
                 await self.bridge.stop()
+            with contextlib.suppress(Exception):
+                await self.tunnels.stop()  # streams reset (going away) before the CLOSE
             await self.link.stop()
             for t in (link_task, sync_task, kme_task):
                 t.cancel()
@@ -126,7 +168,14 @@ class Gateway:
         """What ``GET /status`` serves (``qgw status``): no key material."""
         st = self.link.status
         view = LinkView(**{f: getattr(st, f) for f in LinkView.__slots__})
-        return collect_status(self.settings, self.metrics, view, certificates=self.certificates)
+        return collect_status(
+            self.settings,
+            self.metrics,
+            view,
+            certificates=self.certificates,
+            tunnels=self.tunnels.status(),
+            bridge_enabled=self.bridge_enabled,
+        )
 
     async def _poll_kme_forever(self) -> None:
         """Ask the KME for its key supply (ETSI 014 status) now and then, for metrics/status."""
@@ -154,7 +203,7 @@ class Gateway:
     def readiness(self) -> tuple[bool, str]:
         """Ready: a fresh session with the peer AND a connection to the local broker."""
         ok, why = self.link.readiness()
-        if ok and not self.bridge.connected:
+        if ok and self.bridge_enabled and not self.bridge.connected:
             return False, "not connected to the local broker"
         return ok, why
 

@@ -67,6 +67,8 @@ def collect(
     *,
     certificates: dict[str, float],
     now_monotonic: float | None = None,
+    tunnels: list[dict[str, Any]] | None = None,
+    bridge_enabled: bool = True,
 ) -> dict[str, Any]:
     """The ``/status`` document (a stable shape: tools read it; add keys, never rename)."""
     mono = time.monotonic() if now_monotonic is None else now_monotonic
@@ -123,12 +125,14 @@ def collect(
             "key_bits_used": link.qkd_bits,
         },
         "broker": {
+            "enabled": bridge_enabled,  # False: tunnel only ([[tunnel]], no [[mqtt.rules]])
             "url": s.mqtt.broker,
             "connected": metrics.broker_connected,
             "inflight": metrics.inflight,
             "inflight_limit": metrics.inflight_limit,
         },
         "rules": rules,
+        "tunnels": tunnels or [],
         "certificates": {
             name: {
                 "not_after": _iso(t),
@@ -173,14 +177,24 @@ def render_text(doc: dict[str, Any]) -> str:
         stored = "" if q["stored_key_count"] is None else f", {q['stored_key_count']} keys stored"
         kme = f"{q['kme_url']} {reach}{stored}"
     out.append(f"  qkd: policy {q['policy']}, in effect {q['in_effect']}; KME {kme}")
-    out.append(
-        f"  broker: {b['url']} {'connected' if b['connected'] else 'NOT CONNECTED'}, "
-        f"in flight {b['inflight']}/{b['inflight_limit']}"
-    )
+    if b.get("enabled", True):
+        out.append(
+            f"  broker: {b['url']} {'connected' if b['connected'] else 'NOT CONNECTED'}, "
+            f"in flight {b['inflight']}/{b['inflight_limit']}"
+        )
+    else:
+        out.append("  broker: not used (tunnel only)")
     for r in doc["rules"]:
         out.append(
             f"  rule {r['name']}: out {r['out_forwarded']} forwarded / {r['out_dropped']} dropped, "
             f"in {r['in_delivered']} delivered / {r['in_dropped']} dropped"
+        )
+    for t in doc.get("tunnels", []):
+        n = t["streams_active"]
+        out.append(
+            f"  tunnel {t['name']} ({t['end']} {t['address']}): {n} stream{'' if n == 1 else 's'}"
+            f" open, {t['streams_opened']} opened, {t['bytes_sent']} bytes sent / "
+            f"{t['bytes_received']} received, {t['refusals']} refused, {t['resets']} reset"
         )
     for name, c in doc["certificates"].items():
         out.append(f"  certificate {name}: valid until {c['not_after']} ({c['days_left']} days)")

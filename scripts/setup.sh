@@ -10,6 +10,10 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+# make bench: the C load generator (bench/loadgen.c) and the mosquitto command-line clients
+command -v mosquitto_sub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
+[ -f /usr/include/mosquitto.h ] || need_apt+=(libmosquitto-dev)
+command -v gcc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
 # promtool checks deploy/prometheus/ in the tests (Debian ships it in the prometheus package).
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 # setpriv drops CAP_DAC_OVERRIDE in the credential tests (util-linux, normally present).

@@ -161,6 +161,8 @@ class Closed:
     alert: L.Alert
     reason: str
     by_peer: bool
+    peer_code: int | None = None  # the code of the peer's ALERT, as sent (before §8's mapping)
+    refused_unconfirmed: bool = False  # initiator: the peer refused a bootstrap we had finished
 
 
 Event = (
@@ -491,14 +493,21 @@ class Connection:
         self._out += AlertMsg(alert, alert.name.lower()).encode()  # details stay local
         self._finish(alert, reason, by_peer=False)
 
-    def _finish(self, alert: L.Alert, reason: str, by_peer: bool) -> None:
+    def _finish(
+        self,
+        alert: L.Alert,
+        reason: str,
+        by_peer: bool,
+        peer_code: int | None = None,
+        refused_unconfirmed: bool = False,
+    ) -> None:
         self.state = State.CLOSED
         self._wipe_handshake()
         for st in (self._send, self._recv, self._recv_prev, self._send_next, self._recv_next):
             if st is not None:
                 st.wipe()
         self._send = self._recv = self._recv_prev = self._send_next = self._recv_next = None
-        self._events.append(Closed(alert, reason, by_peer))
+        self._events.append(Closed(alert, reason, by_peer, peer_code, refused_unconfirmed))
 
     def _wipe_handshake(self) -> None:
         self._adm.wipe()
@@ -534,7 +543,14 @@ class Connection:
                     alert = L.Alert.UNEXPECTED_MESSAGE
                 if alert is L.Alert.NO_SESSION:
                     self._no_session()
-                self._finish(alert, f"peer alert {msg.code}", by_peer=True)
+                refused = self._refused_before_confirm()
+                self._finish(
+                    alert,
+                    f"peer alert {msg.code}",
+                    by_peer=True,
+                    peer_code=msg.code,
+                    refused_unconfirmed=refused,
+                )
                 return
             if ftype is L.FrameType.RECORD:
                 self._on_record(body, now)
@@ -623,6 +639,25 @@ class Connection:
             self._create_rekey_response(qkd, now)
         else:
             raise LocalProtocolError("no QKD key was requested")
+
+    def _refused_before_confirm(self) -> bool:
+        """An ALERT to an initiator whose bootstrap R never confirmed (no record from R yet).
+
+        R refused our CONFIRM (e.g. our certificate), or someone forged the alert: either way
+        the chain of this bootstrap is not known to be shared. Forget it, and, as after alert 16
+        (§5), require QKD key on the next bootstrap unless the policy is off, so a forged alert
+        here cannot lead to a bootstrap without QKD either.
+        """
+        if not (
+            self.params.role is Role.INITIATOR
+            and self.state is State.ESTABLISHED
+            and self._adm.kind is L.HelloKind.BOOTSTRAP
+            and self.stats["records_received"] == 0
+        ):
+            return False
+        self.assoc.forget()
+        self.assoc.rebootstrap_needs_qkd = self.params.qkd_policy is not L.QkdPolicyId.OFF
+        return True
 
     def _no_session(self) -> None:
         """Alert 16 while resuming (§5): forget the chain; the re-bootstrap must bring QKD."""

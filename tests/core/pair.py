@@ -28,7 +28,7 @@ from gateway.core.connection import (
     SessionParams,
 )
 from gateway.core.wire import Challenge, FrameBuffer
-from gateway.crypto import SIG_SEED_LEN, SigAlg, get_provider
+from gateway.crypto import SIG_SEED_LEN, Provider, SigAlg, get_provider
 from gateway.errors import AuthenticationError
 
 PROVIDER = get_provider("pyca")
@@ -179,6 +179,8 @@ class Pair:
         assoc_i: Association | None = None,
         assoc_r: Association | None = None,
         auths: tuple[object, object] | None = None,
+        provider: Provider = PROVIDER,
+        rngs: tuple[Callable[[int], bytes], Callable[[int], bytes]] | None = None,
         **params: object,
     ) -> None:
         a, b = auths or (psk_auths() if auth == "psk" else pki_auths())
@@ -189,16 +191,12 @@ class Pair:
         mk = lambda role, peer: SessionParams(
             role=role, suite=suite, qkd_policy=policy, peer_name=peer, **params
         )  # type: ignore[arg-type]
-        self.i = Side(
-            Connection(mk(Role.INITIATOR, "site-b"), a, PROVIDER, seeded_rng(seed), self.assoc_i)
-        )  # type: ignore[arg-type]
-        self.r = Side(
-            Connection(
-                mk(Role.RESPONDER, "site-a"), b, PROVIDER, seeded_rng(seed + 1000), self.assoc_r
-            )
-        )  # type: ignore[arg-type]
+        rng_i, rng_r = rngs or (seeded_rng(seed), seeded_rng(seed + 1000))
+        self.i = Side(Connection(mk(Role.INITIATOR, "site-b"), a, provider, rng_i, self.assoc_i))  # type: ignore[arg-type]
+        self.r = Side(Connection(mk(Role.RESPONDER, "site-a"), b, provider, rng_r, self.assoc_r))  # type: ignore[arg-type]
         self.wire_i2r: list[bytes] = []  # every chunk sent, for attack tests
         self.wire_r2i: list[bytes] = []
+        self.wire: list[tuple[str, bytes]] = []  # every chunk in the order sent ("i2r"/"r2i")
         self.tamper: Callable[[str, bytes], bytes] | None = None
 
     def _answer(self, side: Side) -> bool:
@@ -218,6 +216,7 @@ class Pair:
             out = self.i.conn.data_to_send()
             if out:
                 self.wire_i2r.append(out)
+                self.wire.append(("i2r", out))
                 if self.tamper:
                     out = self.tamper("i2r", out)
                 self.r.conn.receive_data(out, self.now)
@@ -225,6 +224,7 @@ class Pair:
             out = self.r.conn.data_to_send()
             if out:
                 self.wire_r2i.append(out)
+                self.wire.append(("r2i", out))
                 if self.tamper:
                     out = self.tamper("r2i", out)
                 self.i.conn.receive_data(out, self.now)
