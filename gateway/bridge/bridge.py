@@ -30,7 +30,8 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
-from gateway.bridge.client import BrokerClient, Incoming, PahoBrokerClient, Subscription
+from gateway.bridge.client import BrokerClient, Incoming, Subscription
+from gateway.bridge.mqtt5_client import Mqtt5BrokerClient
 from gateway.bridge.transport import ORIGIN_PROPERTY, BridgeMessage, MessageProps, PeerTransport
 from gateway.config import Direction, MqttSection, Rule
 from gateway.errors import ConfigError, GatewayError, PeerRejected
@@ -119,7 +120,7 @@ class Bridge:
         self.settings = settings
         self.site_id = site_id
         self._transport = transport
-        self._client: BrokerClient = client or PahoBrokerClient(settings)
+        self._client: BrokerClient = client or Mqtt5BrokerClient(settings)
         self._stop_timeout = stop_timeout
         self.counters = BridgeCounters(rules=[RuleCounters(r) for r in settings.rules])
         self._window = asyncio.Semaphore(settings.inflight)
