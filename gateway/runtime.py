@@ -54,9 +54,10 @@ class Gateway:
             rules=[str(i) for i in range(len(settings.mqtt.rules))],
         )
         self.metrics.set_qkd_mode(settings.qkd.mode.value)
-        self.transport = SecureTransport(self._send)
+        self.transport = SecureTransport(self._send, send_nowait=self._send_nowait)
         self.bridge = Bridge(settings.mqtt, settings.gateway.site_id, self.transport)
         self.transport.attach(self.bridge.deliver)
+        self.transport.attach_nowait(self.bridge.deliver_nowait)
         self.link = PeerLink(
             settings,
             auth=self.auth,
@@ -71,6 +72,9 @@ class Gateway:
 
     async def _send(self, payload: bytes, via: object | None) -> None:
         await self.link.send(payload, via)
+
+    def _send_nowait(self, payload: bytes, via: object | None) -> None:
+        self.link.send_nowait(payload, via)
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings

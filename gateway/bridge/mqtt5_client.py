@@ -299,8 +299,8 @@ class Mqtt5BrokerClient:
         if conn is not None and not conn.lost:
             conn.write(mqtt5.DisconnectPacket().write())
             conn.flush()
-            if conn.transport is not None:
-                conn.transport.close()
+            # Let the broker close first: it has then read our last PUBACKs. Closing at once
+            # can lose them (measured: mosquitto redelivered acked messages).
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(conn.closed), 2)
             conn.abort()
