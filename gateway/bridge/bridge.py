@@ -148,12 +148,14 @@ class Bridge:
         pn = getattr(self._client, "publish_nowait", None)
         self._publish_nowait: Callable[..., None] | None = pn if callable(pn) else None
         self._stopping = asyncio.Event()
+        self._stopping_flag = False  # the same, cheaper to test per message
         self._started = False
         self._out_rules = [
             i
             for i, r in enumerate(settings.rules)
             if r.direction in (Direction.OUT, Direction.BOTH)
         ]
+        self._out_set = frozenset(self._out_rules)
         self._in_rules = [
             i for i, r in enumerate(settings.rules) if r.direction in (Direction.IN, Direction.BOTH)
         ]
@@ -189,6 +191,7 @@ class Bridge:
         """Take no new messages, let in-flight forwards finish (up to ``timeout``), then
         disconnect. Unfinished messages are not acknowledged: the broker redelivers them."""
         self._stopping.set()
+        self._stopping_flag = True
         self._client.pause()
         self._drop_retries()
         with contextlib.suppress(TimeoutError):
@@ -201,6 +204,7 @@ class Bridge:
     async def abort(self) -> None:
         """Stop at once (like a crash, in process): nothing more is acknowledged."""
         self._stopping.set()
+        self._stopping_flag = True
         self._client.pause()
         self._backlog.clear()
         self._drop_retries()
@@ -227,9 +231,14 @@ class Bridge:
     # -- outbound: local broker -> peer -------------------------------------------------
 
     def _rule_for(self, msg: Incoming) -> int | None:
-        for sid in sorted(msg.subscription_ids):
+        sids = msg.subscription_ids
+        if len(sids) == 1:  # the common case: one rule matched
+            i = sids[0] - 1
+            if i in self._out_set:
+                return i
+        for sid in sorted(sids):
             i = sid - 1
-            if i in self._out_rules:
+            if i in self._out_set:
                 return i
         for i in self._out_rules:  # no identifiers (should not happen with a v5 broker)
             r = self.settings.rules[i]
@@ -239,7 +248,7 @@ class Bridge:
 
     def _on_message(self, msg: Incoming) -> None:
         """Called in the asyncio thread for each message from the local broker."""
-        if self._stopping.is_set():
+        if self._stopping_flag:
             return  # not acked: redelivered to the next session holder
         i = self._rule_for(msg)
         if i is None:
@@ -258,33 +267,24 @@ class Bridge:
             )
             self._ack(msg)
             return
-        markers = [v for k, v in msg.properties.user_properties if k == ORIGIN_PROPERTY]
-        if markers:
+        users = msg.properties.user_properties
+        if users and any(k == ORIGIN_PROPERTY for k, _ in users):
             # It entered through a qgw gateway already (ours, or another pair at this site on
             # a shared subscription, where No Local cannot help): two sites, no second hop.
             rc.dropped[DROP_LOOP] += 1
             self._ack(msg)
             return
-        origin = self.site_id
-        users = [kv for kv in msg.properties.user_properties if kv[0] != ORIGIN_PROPERTY]
         if msg.qos == 0 and self._pending >= self.settings.inflight:
             rc.dropped[DROP_QOS0_OVERFLOW] += 1
             return
-        props = msg.properties
+        # (no marker among the user properties, so the properties travel unchanged)
         bm = BridgeMessage(
-            topic=rule.remote_prefix + msg.topic[len(rule.local_prefix) :],
-            payload=msg.payload,
-            qos=msg.qos,
-            retain=msg.retain,
-            properties=MessageProps(
-                user_properties=tuple(users),
-                content_type=props.content_type,
-                response_topic=props.response_topic,
-                correlation_data=props.correlation_data,
-                message_expiry_interval=props.message_expiry_interval,
-                payload_format_indicator=props.payload_format_indicator,
-            ),
-            origin=origin,
+            rule.remote_prefix + msg.topic[len(rule.local_prefix) :],
+            msg.payload,
+            msg.qos,
+            msg.retain,
+            msg.properties,
+            self.site_id,
         )
         job = _Job(self, i, msg, bm)
         if self._inflight < self._window:
