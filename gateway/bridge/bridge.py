@@ -59,6 +59,9 @@ DROP_NO_RULE = "no_rule"  # inbound topic matches no in/both rule
 DROP_REJECTED = "rejected"  # peer's broker refused it for good (PeerRejected)
 DROP_QOS0_UNAVAILABLE = "qos0_peer_unavailable"  # QoS 0 is not retried
 DROP_QOS0_OVERFLOW = "qos0_overflow"  # QoS 0 while the window is full
+INBOUND_CACHE_TOPICS = 4096  # remembered topic mappings (peer topic -> rule, local topic)
+_MISS = object()
+_NO_PROPS = MessageProps()
 
 
 def topic_matches(topic_filter: str, topic: str) -> bool:
@@ -156,6 +159,8 @@ class Bridge:
             if r.direction in (Direction.OUT, Direction.BOTH)
         ]
         self._out_set = frozenset(self._out_rules)
+        self._inbound_cache: dict[str, tuple[int, str] | None] = {}
+        self._marker_props: dict[str, MessageProps] = {}
         self._in_rules = [
             i for i, r in enumerate(settings.rules) if r.direction in (Direction.IN, Direction.BOTH)
         ]
@@ -382,6 +387,17 @@ class Bridge:
 
     def map_inbound(self, remote_topic: str) -> tuple[int, str] | None:
         """(rule index, local topic) for a topic from the peer, or None."""
+        cache = self._inbound_cache
+        hit = cache.get(remote_topic, _MISS)
+        if hit is not _MISS:
+            return hit  # type: ignore[return-value]
+        result = self._map_inbound(remote_topic)
+        if len(cache) >= INBOUND_CACHE_TOPICS:
+            cache.clear()  # many distinct topics: start over rather than grow
+        cache[remote_topic] = result
+        return result
+
+    def _map_inbound(self, remote_topic: str) -> tuple[int, str] | None:
         for i in self._in_rules:
             r = self.settings.rules[i]
             if remote_topic.startswith(r.remote_prefix):
@@ -414,6 +430,13 @@ class Bridge:
             )
             return None
         p = msg.properties
+        if p is _NO_PROPS or p == _NO_PROPS:  # the common case: only the origin marker
+            props = self._marker_props.get(msg.origin)
+            if props is None:
+                props = MessageProps(user_properties=((ORIGIN_PROPERTY, msg.origin),))
+                if len(self._marker_props) < 64:
+                    self._marker_props[msg.origin] = props
+            return i, local_topic, min(msg.qos, rule.qos), props
         users = tuple(kv for kv in p.user_properties if kv[0] != ORIGIN_PROPERTY)
         props = MessageProps(
             user_properties=(*users, (ORIGIN_PROPERTY, msg.origin)),

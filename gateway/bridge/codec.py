@@ -210,11 +210,13 @@ def _decode_plain(data: bytes, max_payload: int) -> BridgeMessage | None:
         return None
     ol = data[2]
     p = 3 + ol
-    tl = int.from_bytes(data[p : p + 2], "big")
-    q = p + 2 + tl
-    if not ol or not tl or n < q + 6 or data[q] or data[q + 1]:
+    if not ol or n < p + 8:
         return None
-    size = int.from_bytes(data[q + 2 : q + 6], "big")
+    (tl,) = _U16.unpack_from(data, p)
+    q = p + 2 + tl
+    if not tl or n < q + 6 or data[q] or data[q + 1]:
+        return None
+    (size,) = _U32.unpack_from(data, q + 2)
     if q + 6 + size != n or size > min(max_payload, MAX_PAYLOAD_BYTES):
         return None
     try:
