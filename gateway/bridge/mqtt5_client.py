@@ -230,7 +230,8 @@ class Mqtt5BrokerClient:
         self._host, self._port, self._tls = parse_broker_url(settings.broker)
         self._receive_maximum = max(1, min(65535, receive_maximum or settings.inflight))
         self._session_expiry = session_expiry_seconds
-        self._keepalive = keepalive_seconds
+        self._keepalive = keepalive_seconds  # what we ask for in CONNECT
+        self._effective_keepalive = keepalive_seconds  # the broker's Server Keep Alive wins
         self._connect_timeout = connect_timeout
         self._publish_timeout = publish_timeout
         self._on_message: Callable[[Incoming], None] | None = None
@@ -404,6 +405,9 @@ class Mqtt5BrokerClient:
             self._port,
             p.session_present,
         )
+        # MQTT 5 3.2.2.3.14: a Server Keep Alive in the CONNACK replaces ours
+        ska = p.server_keep_alive
+        self._effective_keepalive = self._keepalive if ska is None else ska
         self._arm_keepalive()
         # Subscribe every time: harmless with a present session (Retain Handling 1 sends
         # retained messages only for new subscriptions), needed if the session expired.
@@ -617,9 +621,9 @@ class Mqtt5BrokerClient:
     def _arm_keepalive(self) -> None:
         if self._keepalive_timer is not None:
             self._keepalive_timer.cancel()
-        if self._keepalive > 0:
+        if self._effective_keepalive > 0:
             self._keepalive_timer = asyncio.get_running_loop().call_later(
-                self._keepalive / 2, self._keepalive_tick
+                self._effective_keepalive / 2, self._keepalive_tick
             )
 
     def _keepalive_tick(self) -> None:
@@ -628,11 +632,12 @@ class Mqtt5BrokerClient:
         if conn is None or conn.lost:
             return
         now = time.monotonic()
-        if now - conn.last_rx > self._keepalive * 1.5:
+        keepalive = self._effective_keepalive
+        if now - conn.last_rx > keepalive * 1.5:
             log.warning("broker silent for %.0f s; reconnecting", now - conn.last_rx)
             conn.abort()
             return
-        if now - conn.last_tx >= self._keepalive / 2:
+        if now - conn.last_tx >= keepalive / 2:
             conn.write(mqtt5.PingReqPacket().write())
         self._arm_keepalive()
 

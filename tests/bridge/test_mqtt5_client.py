@@ -365,3 +365,19 @@ async def test_first_connect_refused_raises(broker: FakeBroker) -> None:
     conn.send(mqtt5.ConnAckPacket(reason_code=mqtt5.ConnAckReasonCode.NOT_AUTHORIZED))
     with pytest.raises(BrokerUnavailable, match="refused"):
         await asyncio.wait_for(start, WAIT)
+
+
+async def test_keepalive_pings_and_honours_the_server_keep_alive(broker: FakeBroker) -> None:
+    client = make_client(broker, keepalive_seconds=60)
+    start = asyncio.ensure_future(client.start(SUBS, lambda m: None))
+    conn = await broker.accept()
+    c = await conn.expect(mqtt5.ConnectPacket)
+    assert c.keep_alive == 60
+    conn.send(mqtt5.ConnAckPacket(server_keep_alive=1))  # the broker wants 1 s
+    sub = await conn.expect(mqtt5.SubscribePacket)
+    conn.send(mqtt5.SubAckPacket(sub.packet_id, [mqtt5.SubAckReasonCode(1)]))
+    await asyncio.wait_for(start, WAIT)
+    p = await conn.next()  # within WAIT, not 60 s
+    assert isinstance(p, mqtt5.PingReqPacket)
+    conn.send(mqtt5.PingRespPacket())
+    await client.stop()
