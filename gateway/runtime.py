@@ -192,7 +192,8 @@ class Gateway:
             "stale_ack": c.stale_acks,
             "deliver_failure": c.deliver_failures + t.delivery_failures,
             "busy_refusal": t.busy_refusals,
-            "decode_error": t.decode_errors,
+            # bad bytes from the peer, and malformed packets from the local broker
+            "decode_error": t.decode_errors + self.bridge.broker_protocol_errors,
             "internal_error": self.link.internal_errors,
         }
         for name, total in events.items():

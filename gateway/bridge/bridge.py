@@ -172,6 +172,11 @@ class Bridge:
     def connected(self) -> bool:
         return self._client.connected
 
+    @property
+    def broker_protocol_errors(self) -> int:
+        """Malformed or unexpected packets from the local broker (each cost a reconnect)."""
+        return int(getattr(self._client, "protocol_errors", 0))
+
     # -- lifecycle ----------------------------------------------------------------------
 
     def subscriptions(self) -> list[Subscription]:

@@ -381,3 +381,46 @@ async def test_keepalive_pings_and_honours_the_server_keep_alive(broker: FakeBro
     assert isinstance(p, mqtt5.PingReqPacket)
     conn.send(mqtt5.PingRespPacket())
     await client.stop()
+
+
+async def test_mqtts_with_a_client_certificate_round_trip(tmp_path: Any) -> None:
+    """mqtts:// to a real mosquitto that requires a client certificate: subscribe, receive,
+    ack, publish with PUBACK."""
+    from gateway.bridge.mosquitto import Mosquitto, free_port
+    from gateway.crypto import tlspki
+
+    ca = tlspki.new_ca("test broker CA")
+    tlspki.write_issued(ca, tmp_path / "ca.crt", None)
+    tlspki.write_issued(tlspki.issue_server(ca, "broker"), tmp_path / "s.crt", tmp_path / "s.key")
+    tlspki.write_issued(tlspki.issue_client(ca, "qgw-t"), tmp_path / "c.crt", tmp_path / "c.key")
+    port = free_port()
+    conf = (
+        f"listener {port} 127.0.0.1\ncafile {tmp_path}/ca.crt\ncertfile {tmp_path}/s.crt\n"
+        f"keyfile {tmp_path}/s.key\nrequire_certificate true\n"
+    )
+    with Mosquitto(tmp_path / "m", extra_config=conf):
+        settings = MqttSection(  # type: ignore[call-arg]
+            broker=f"mqtts://127.0.0.1:{port}",
+            client_id="qgw-t",
+            rules=[],
+            tls_ca=tmp_path / "ca.crt",
+            tls_cert=tmp_path / "c.crt",
+            tls_key=tmp_path / "c.key",
+        )
+        got: list[Incoming] = []
+        client = Mqtt5BrokerClient(settings)
+        await client.start(SUBS, got.append)
+        try:
+            await client.publish("t/loop", b"via TLS", 1, False, MessageProps())
+            # No Local: our own publish does not come back; a second client's does
+            other = Mqtt5BrokerClient(
+                settings.model_copy(update={"client_id": "other"}), session_expiry_seconds=0
+            )
+            await other.start([], lambda m: None)
+            await other.publish("t/x", b"from other", 1, False, MessageProps())
+            await other.stop()
+            await until(lambda: len(got) == 1, "delivery over TLS")
+            assert got[0].payload == b"from other"
+            assert client.ack(got[0])
+        finally:
+            await client.stop()
