@@ -57,6 +57,8 @@ def tune_gc() -> None:
 
 
 KME_STATUS_SECONDS = 30.0
+#: How long the broker_session_lost alarm stays raised after the broker lost our session.
+BROKER_SESSION_ALARM_SECONDS = 600.0
 BROKER_RETRY_MAX_SECONDS = 10.0
 
 
@@ -114,7 +116,10 @@ class Gateway:
             on_down=self._link_down,
         )
         self.http: HttpServer | None = None
-        self._seen: Counter[tuple[str, ...]] = Counter()  # last total copied, per counter
+        self._seen: Counter[tuple[str, ...]] = Counter()
+        self._session_lost_at: float | None = (
+            None  # monotonic time of the last lost session  # last total copied, per counter
+        )
 
     async def _send(self, payload: bytes, via: object | None) -> None:
         await self.link.send(payload, via)
@@ -279,6 +284,17 @@ class Gateway:
         """Copy the bridge's cumulative counters into Prometheus counters (as deltas)."""
         c = self.bridge.counters
         self.metrics.set_broker_connected(self.bridge.connected)
+        lost = self._delta(("broker", "sessions_lost"), self.bridge.broker_sessions_lost)
+        if lost:
+            self.metrics.broker_session_lost(lost)
+            self._session_lost_at = time.monotonic()
+            self.metrics.set_alarm("broker_session_lost", True)
+        elif (
+            self._session_lost_at is not None
+            and time.monotonic() - self._session_lost_at > BROKER_SESSION_ALARM_SECONDS
+        ):
+            self._session_lost_at = None
+            self.metrics.set_alarm("broker_session_lost", False)
         for i, rc in enumerate(c.rules):
             rule = self.rule_labels[i]
             self._bump((rule, "out", "forwarded", ""), rc.messages_out)

@@ -177,6 +177,11 @@ class Bridge:
         """Malformed or unexpected packets from the local broker (each cost a reconnect)."""
         return int(getattr(self._client, "protocol_errors", 0))
 
+    @property
+    def broker_sessions_lost(self) -> int:
+        """How often the local broker came back without our persistent session."""
+        return int(getattr(self._client, "sessions_lost", 0))
+
     # -- lifecycle ----------------------------------------------------------------------
 
     def subscriptions(self) -> list[Subscription]:

@@ -239,6 +239,8 @@ class Mqtt5BrokerClient:
         self._conn: _Connection | None = None  # the current connection, once CONNACKed
         self._connecting: _Connection | None = None
         self._generation = 0
+        self._had_session = False  # a CONNACK succeeded before (the broker holds our session)
+        self.sessions_lost = 0  # CONNACKs without our session after we had one
         self._connected = False
         self._paused = False
         self._stopping = False
@@ -398,6 +400,18 @@ class Mqtt5BrokerClient:
         self._connecting = None
         self._connected = True
         self._send_quota = max(1, p.receive_max)
+        if self._had_session and not p.session_present:
+            # The broker forgot our persistent session (restart without it on disk, expiry):
+            # messages published for us while we were away may have been dropped (issue 18).
+            self.sessions_lost += 1
+            log.warning(
+                "broker %s:%d has no session for us (session present = 0): messages published "
+                "while we were disconnected may be lost (alarm broker_session_lost; persist "
+                "the broker's sessions, docs/bridge.md)",
+                self._host,
+                self._port,
+            )
+        self._had_session = True
         self.unacked_incoming = 0
         log.info(
             "connected to broker %s:%d (session present: %s)",
