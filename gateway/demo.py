@@ -231,7 +231,12 @@ class Demo:
             _edit_toml(self.root / "site-b.toml", site_b)
             extra[ports.mqtt_a] = bridge_config(tunnel_port)
         for port in (ports.mqtt_a, ports.mqtt_b):
-            b = Mosquitto(self.root / f"mosquitto-{port}", port=port, extra_config=extra[port])
+            b = Mosquitto(
+                self.root / f"mosquitto-{port}",
+                port=port,
+                persistence=True,  # the shipped setting: sessions survive a broker crash
+                extra_config=extra[port],
+            )
             b.start()
             self.brokers.append(b)
         print(f"  mosquitto site A 127.0.0.1:{ports.mqtt_a}, site B 127.0.0.1:{ports.mqtt_b}")
