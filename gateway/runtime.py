@@ -380,7 +380,21 @@ def restart_only_changes(old: Settings, new: Settings) -> list[str]:
 
 
 #: What SIGHUP applies (file *contents* are re-read even when the paths are the same).
-RELOADABLE = frozenset({"auth.cert", "auth.key", "auth.ca", "auth.psk_file", "logging.level"})
+RELOADABLE = frozenset(
+    {
+        "auth.cert",
+        "auth.key",
+        "auth.ca",
+        "auth.psk_file",
+        # wot: introducers, thresholds and the revocation list are re-read with the key
+        "auth.endorsements",
+        "auth.introducers",
+        "auth.full_needed",
+        "auth.marginals_needed",
+        "auth.revoked",
+        "logging.level",
+    }
+)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -32,7 +32,7 @@ from enum import Enum, auto
 from gateway.core import labels as L
 from gateway.core import schedule
 from gateway.core.admission import Admission, Admitted, Refused
-from gateway.core.auth import Authenticator, PeerIdentity
+from gateway.core.auth import Authenticator, InsufficientTrust, PeerIdentity
 from gateway.core.records import RecvState, SendState
 from gateway.core.wire import (
     Admit,
@@ -808,8 +808,9 @@ class Connection:
             )
         if not self.assoc.take_token(now, self.source):
             raise _Fail(L.Alert.RATE_LIMITED, "too many bootstrap attempts")
-        if self.auth.mode is L.AuthModeId.PKI and not self.assoc.take_global_token(now):
-            # pki: the INIT is not authenticated yet; its dec_keys call and ML-DSA signature
+        signed = self.auth.mode in (L.AuthModeId.PKI, L.AuthModeId.WOT)
+        if signed and not self.assoc.take_global_token(now):
+            # pki and wot: the INIT is not authenticated yet; its dec_keys call and ML-DSA signature
             # come out of one budget over all source addresses (§3.4 B3).
             self.stats["global_budget_refusals"] += 1
             raise _Fail(L.Alert.RATE_LIMITED, "global budget for unauthenticated INITs exhausted")
@@ -897,6 +898,8 @@ class Connection:
             return PeerIdentity(self.params.peer_name, "psk")
         try:
             peer = self.auth.verify(certs, self.params.peer_name, sig_role + th, auth)
+        except InsufficientTrust as exc:  # wot: too few endorsements (§3.6 W4, alert 21)
+            raise _Fail(L.Alert.INSUFFICIENT_TRUST, str(exc)) from exc
         except AuthenticationError as exc:
             raise _Fail(L.Alert.BAD_CERTIFICATE, str(exc)) from exc
         if peer.name == self.auth.identity:
