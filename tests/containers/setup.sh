@@ -26,7 +26,7 @@ CACHE="${QGW_CONTAINER_CACHE:-/var/cache/qgw-containers}"
 # The project's venv (scripts/setup.sh makes it); the test passes its own interpreter.
 PY="${QGW_PYTHON:-$ROOT/.venv/bin/python}"
 [ -x "$PY" ] || { echo "setup[containers]: no $PY (run scripts/setup.sh)" >&2; exit 1; }
-log() { echo "setup[containers]: $*" >&2; }
+log() { echo "setup[containers] +${SECONDS}s: $*" >&2; }
 die() { echo "setup[containers]: FAILED: $*" >&2; exit 1; }
 mkdir -p "$CACHE"
 : >"$OUT"
@@ -131,4 +131,6 @@ podman build --quiet --format docker -f "$ROOT/deploy/compose/mosquitto.Containe
     || { tail -40 "$CACHE/build-mosquitto.log" >&2; die "podman build mosquitto.Containerfile"; }
 echo "QGW_IMAGE=$image" >>"$OUT"
 echo "QGW_MQTT_IMAGE=$mqtt_image" >>"$OUT"
+# the builds leave their intermediate (build-stage) images behind: drop the dangling ones
+podman image prune -f >/dev/null 2>&1 || true
 log "ready"
