@@ -610,7 +610,22 @@ def load_settings(path: Path | str, environ: dict[str, str] | None = None) -> Se
 
 
 # QGW_* names that are not configuration: used by the project's own scripts and tests.
-NON_CONFIG_ENV = frozenset({"QGW_UID", "QGW_GID", "QGW_ALLOW_NO_NETNS", "QGW_TEST_KEY_SOURCE"})
+NON_CONFIG_ENV = frozenset(
+    {
+        "QGW_UID",  # deploy/compose.yaml's host-side variables
+        "QGW_GID",
+        "QGW_DEMO_DIR",
+        "QGW_IMAGE",
+        "QGW_MQTT_IMAGE",
+        "QGW_MQTT_A_PORT",
+        "QGW_MQTT_B_PORT",
+        "QGW_METRICS_A_PORT",
+        "QGW_METRICS_B_PORT",
+        "QGW_HEALTH_PORT",  # the KME simulator's health listener in the containers
+        "QGW_ALLOW_NO_NETNS",  # tests
+        "QGW_TEST_KEY_SOURCE",
+    }
+)
 
 
 def unknown_env_problems(environ: dict[str, str] | os._Environ[str]) -> list[tuple[str, str]]:
