@@ -49,7 +49,7 @@ from gateway.errors import (
     PeerRejected,
     PeerUnavailable,
 )
-from gateway.metrics import Metrics, kme_error_kind
+from gateway.metrics import ALARMS, Metrics, kme_error_kind
 from keysource.base import KeySource
 
 log = logging.getLogger("qgw.link")
@@ -580,19 +580,18 @@ class PeerLink:
             self.metrics.set_qkd_mode(mode.value)
         if qkd_used or mode is QkdMode.OFF:
             self.metrics.set_alarm("qkd_unavailable", False)
-            self.status.alarms.pop("qkd-unavailable", None)
+            self.status.alarms.pop("qkd_unavailable", None)
 
     def _on_alarm(self, ev: Alarm) -> None:
-        names = {"qkd-unavailable": "qkd_unavailable", "qkd-mode-changed": "qkd_mode_downgrade"}
-        if ev.kind in names:
-            self.metrics.set_alarm(names[ev.kind], ev.active)
+        if ev.kind in ALARMS:  # one name per alarm in events, logs, metrics, docs (§9)
+            self.metrics.set_alarm(ev.kind, ev.active)
         if ev.active:
             self.status.alarms[ev.kind] = ev.detail
         else:
             self.status.alarms.pop(ev.kind, None)
         if ev.kind == "rebootstrap":
             self._rebootstrap_next = True
-        if ev.kind == "rekey-failed":
+        if ev.kind == "rekey_failed":
             self.metrics.rekey("failed")
         log.warning("alarm %s: %s", ev.kind, ev.detail)
 
@@ -613,7 +612,7 @@ class PeerLink:
             log.warning("peer has no session for our chain: bootstrapping again (alarm)")
         if ev.alert is L.Alert.QKD_UNAVAILABLE and not ev.by_peer:
             self.metrics.set_alarm("qkd_unavailable", True)
-            self.status.alarms["qkd-unavailable"] = ev.reason
+            self.status.alarms["qkd_unavailable"] = ev.reason
         level = logging.INFO if ev.alert is L.Alert.CLOSE_NOTIFY else logging.WARNING
         log.log(level, "connection closed: %s", st.last_close)
 

@@ -141,7 +141,7 @@ class MessageReceived:
 
 @dataclass(frozen=True, slots=True)
 class Alarm:
-    kind: str  # "qkd-unavailable", "qkd-mode-changed", "rebootstrap", "rekey-failed"
+    kind: str  # "qkd_unavailable", "qkd_mode_downgrade", "rebootstrap", "rekey_failed" (§9)
     detail: str
     active: bool = True
 
@@ -497,6 +497,8 @@ class Connection:
     def _on_handshake(self, ftype: L.FrameType, body: bytes, raw: bytes, now: float) -> None:
         s, role = self.state, self.params.role
         if ftype is L.FrameType.INIT and s is State.R_EXPECT_INIT:
+            if body[:1] and body[0] != L.VERSION:  # §3.1: before decoding anything else
+                raise _Fail(L.Alert.UNSUPPORTED_VERSION, f"INIT version {body[0]}")
             self._consume_init(Init.decode(body), raw, now)
         elif ftype is L.FrameType.RESP and s is State.I_EXPECT_RESP:
             self._consume_response(Resp.decode(body), raw, now)
@@ -539,30 +541,30 @@ class Connection:
             if qkd is None:
                 if self.params.qkd_policy is L.QkdPolicyId.REQUIRED:
                     self._events.append(
-                        Alarm("qkd-unavailable", "no QKD key for rekey; keeping current keys")
+                        Alarm("qkd_unavailable", "no QKD key for rekey; keeping current keys")
                     )
                     self.rekey_phase = RekeyPhase.IDLE
                     self._rk_next_retry = now + L.REKEY_RETRY_SECONDS
                     if self.state is State.I_EXPECT_REKEY_RESP:
                         raise _Fail(L.Alert.QKD_UNAVAILABLE, "no QKD key for resumption")
                     return
-                self._events.append(Alarm("qkd-unavailable", "rekey without QKD (qkd = preferred)"))
+                self._events.append(Alarm("qkd_unavailable", "rekey without QKD (qkd = preferred)"))
             self._create_rekey_init(qkd, now)
         elif self.rekey_phase is RekeyPhase.R_EXPECT_QKD_KEYS:
             if qkd is None:
                 if self.params.qkd_policy is L.QkdPolicyId.REQUIRED:
-                    self._events.append(Alarm("qkd-unavailable", "peer's rekey keys not available"))
+                    self._events.append(Alarm("qkd_unavailable", "peer's rekey keys not available"))
                     raise _Fail(L.Alert.QKD_UNAVAILABLE, "QKD keys for rekey not available")
-                self._events.append(Alarm("qkd-unavailable", "rekey without QKD (qkd = preferred)"))
+                self._events.append(Alarm("qkd_unavailable", "rekey without QKD (qkd = preferred)"))
             self._create_rekey_response(qkd, now)
         else:
             raise LocalProtocolError("no QKD key was requested")
 
     def _qkd_missing(self, what: str) -> None:
         if self.params.qkd_policy is L.QkdPolicyId.REQUIRED:
-            self._events.append(Alarm("qkd-unavailable", f"no QKD key for {what}; failing closed"))
+            self._events.append(Alarm("qkd_unavailable", f"no QKD key for {what}; failing closed"))
             raise _Fail(L.Alert.QKD_UNAVAILABLE, "QKD key unavailable and qkd = required")
-        self._events.append(Alarm("qkd-unavailable", f"{what} without QKD (qkd = preferred)"))
+        self._events.append(Alarm("qkd_unavailable", f"{what} without QKD (qkd = preferred)"))
 
     # --- bootstrap: initiator -----------------------------------------------------------
 
@@ -806,7 +808,7 @@ class Connection:
         if self.assoc.qkd_used is not None and self.assoc.qkd_used != used:
             self._events.append(
                 Alarm(
-                    "qkd-mode-changed",
+                    "qkd_mode_downgrade",
                     "QKD key " + ("restored" if used else "absent") + " in new epoch",
                     not used,
                 )
@@ -975,7 +977,7 @@ class Connection:
             if self.params.qkd_policy is L.QkdPolicyId.REQUIRED:
                 raise _Fail(L.Alert.QKD_UNAVAILABLE, "responder had no QKD keys and qkd = required")
             self._events.append(
-                Alarm("qkd-unavailable", "peer could not fetch the rekey's QKD keys")
+                Alarm("qkd_unavailable", "peer could not fetch the rekey's QKD keys")
             )
             qkd = None
         if qkd is not None and not poly1305_verify(qkd[2][1][:32], tagged, m.wc_tag):
@@ -1120,7 +1122,7 @@ class Connection:
                 self._wipe_handshake()
                 self.rekey_phase = RekeyPhase.IDLE
                 self._rk_next_retry = now + L.REKEY_RETRY_SECONDS
-                self._events.append(Alarm("rekey-failed", "rekey exchange timed out"))
+                self._events.append(Alarm("rekey_failed", "rekey exchange timed out"))
             elif self.state is not State.ESTABLISHED:
                 raise _Fail(L.Alert.TIMEOUT, f"handshake timed out in {self.state.name}")
         if self.state is not State.ESTABLISHED:

@@ -11,6 +11,7 @@ import pytest
 from gateway.core import labels as L
 from gateway.core import schedule
 from gateway.core.connection import (
+    Alarm,
     Association,
     Closed,
     Connection,
@@ -246,6 +247,31 @@ def test_policy_rewrite_refused() -> None:
     _rewrite_init(p, qkd_policy=L.QkdPolicyId.PREFERRED)
     p.handshake()
     assert any(c.alert is L.Alert.QKD_POLICY_MISMATCH for c in p.closed())
+
+
+def test_init_with_other_version_gets_unsupported_version() -> None:
+    """§3.1: an INIT whose version byte is not 0x01 is answered with alert 2, not 1."""
+    p = Pair(auth="pki")
+
+    def tamper(d: str, data: bytes) -> bytes:
+        if d == "i2r" and data[4] == L.FrameType.INIT:
+            return data[:5] + bytes([2]) + data[6:]
+        return data
+
+    p.tamper = tamper
+    p.handshake()
+    assert not p.established()
+    assert [c.alert for c in p.r.of(Closed)] == [L.Alert.UNSUPPORTED_VERSION]
+    assert not any(type(e).__name__ == "NeedQkdKeysById" for e in p.r.events)
+
+
+def test_low_order_x25519_key_in_init_is_refused() -> None:
+    """§3.4 B5: an all-zero X25519 shared secret (peer key u = 0) is refused with alert 11."""
+    p = Pair(auth="pki")
+    _rewrite_init(p, x25519_public=bytes(32))
+    p.handshake()
+    assert not p.established()
+    assert [c.alert for c in p.r.of(Closed)] == [L.Alert.AUTHENTICATION_FAILED]
 
 
 def test_psk_admission_mac_stops_forged_init_before_kme() -> None:
@@ -536,3 +562,39 @@ def test_rekey_events_not_emitted_on_failure() -> None:
     p = recorded_handshake()
     assert p.rekeys() == ([], [])
     assert not any(isinstance(e, RekeyComplete) for e in p.i.events)
+
+
+def test_preferred_rekey_with_delivered_keys_must_verify_the_pad() -> None:
+    """RK3: once the KME delivered the offered keys, WC_1 must verify even under preferred."""
+    p = Pair(policy=L.QkdPolicyId.PREFERRED)
+    p.handshake()
+    assert p.established()
+    real = p.kme.dec_keys
+
+    def wrong(ids: tuple[str, ...]) -> list[tuple[str, bytes]] | None:
+        got = real(ids)
+        assert got is not None
+        got[1] = (got[1][0], bytes(32))  # another pad for key 1: WC_1 cannot verify
+        return got
+
+    p.kme.dec_keys = wrong  # type: ignore[method-assign]
+    p.i.conn.rekey_now(p.now)
+    p.pump()
+    assert p.rekeys() == ([], [])
+    assert [c.alert for c in p.r.of(Closed)] == [L.Alert.AUTHENTICATION_FAILED]
+
+
+def test_preferred_rekey_with_undeliverable_key_ids_is_chain_only_and_alarmed() -> None:
+    """RK3: offered IDs the responder's KME cannot deliver -> qkd_used = 0, chain MAC only,
+    alarmed on both sides; never a QKD-authenticated epoch."""
+    p = Pair(policy=L.QkdPolicyId.PREFERRED)
+    p.handshake()
+    p.kme.peer_available = False  # responder's KME delivers nothing (unknown IDs look the same)
+    p.i.conn.rekey_now(p.now)
+    p.pump()
+    ri, rr = p.rekeys()
+    assert [e.qkd_used for e in ri] == [False]
+    assert [e.qkd_used for e in rr] == [False]
+    for side in (p.i, p.r):
+        kinds = {a.kind for a in side.of(Alarm)}
+        assert {"qkd_unavailable", "qkd_mode_downgrade"} <= kinds

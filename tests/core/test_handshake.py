@@ -92,14 +92,14 @@ def test_preferred_without_qkd_alarms_and_records_absence() -> None:
     p.handshake()
     assert p.established()
     assert p.i.of(HandshakeComplete)[0].qkd_used is False
-    assert any(a.kind == "qkd-unavailable" for a in p.i.of(Alarm))
+    assert any(a.kind == "qkd_unavailable" for a in p.i.of(Alarm))
     # QKD comes back: the next rekey uses it and the mode change is alarmed (cleared)
     kme.available = True
     p.advance(121)
     ri, rr = p.rekeys()
     assert ri[-1].qkd_used
     assert rr[-1].qkd_used
-    changed = [a for a in p.alarms() if a.kind == "qkd-mode-changed"]
+    changed = [a for a in p.alarms() if a.kind == "qkd_mode_downgrade"]
     assert changed
     assert changed[-1].active is False
 
@@ -112,7 +112,7 @@ def test_preferred_responder_without_qkd_is_authenticated_and_alarmed() -> None:
     assert p.established()
     assert p.i.of(HandshakeComplete)[0].qkd_used is False
     assert p.r.of(HandshakeComplete)[0].qkd_used is False
-    assert any(a.kind == "qkd-unavailable" for a in p.alarms())
+    assert any(a.kind == "qkd_unavailable" for a in p.alarms())
 
 
 def test_required_fails_closed_without_qkd() -> None:
@@ -123,7 +123,7 @@ def test_required_fails_closed_without_qkd() -> None:
     assert not p.established()
     assert p.i.conn.state is State.CLOSED
     assert p.closed()[0].alert is L.Alert.QKD_UNAVAILABLE
-    assert any(a.kind == "qkd-unavailable" for a in p.alarms())
+    assert any(a.kind == "qkd_unavailable" for a in p.alarms())
 
 
 def test_required_responder_kme_down_fails_closed() -> None:
@@ -142,7 +142,7 @@ def test_required_rekey_without_qkd_keeps_keys_then_expires() -> None:
     p.advance(121)
     assert p.closed() == []
     assert p.rekeys() == ([], [])
-    assert any(a.kind == "qkd-unavailable" for a in p.alarms())
+    assert any(a.kind == "qkd_unavailable" for a in p.alarms())
     # traffic still flows on the QKD-derived epoch-0 keys...
     p.i.conn.send_message(b"still", p.now)
     p.pump()
