@@ -36,6 +36,8 @@ PROVERIF_DIR = HERE / "proverif"
 LIB = "qgw.pvl"
 # The model files, in the order the README's table lists them.
 PROVERIF_MODELS = [
+    "bootstrap_psk.pv",
+    "sanity_nosig.pv",
     "rekey.pv",
     "resume.pv",
     "resume_fixed.pv",
