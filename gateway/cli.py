@@ -29,6 +29,8 @@ def _print_problems(problems: list[tuple[str, str]], out: TextIO) -> None:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from gateway.config import check_files, load_settings, redacted_dump, to_toml
+    from gateway.credentials import check_credentials
+    from gateway.crypto import get_provider
 
     settings = load_settings(args.config)
     fc = check_files(settings)
@@ -37,8 +39,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         if args.strict:
             problems += [(m.key, f"file not found: {m.path}") for m in fc.missing]
         raise ConfigError(problems)
+    report = None
+    if not fc.missing:
+        # The very code path `qgw run` uses to load credentials, as the same user.
+        report = check_credentials(settings, get_provider(settings.crypto.provider))
+        if report.problems:
+            raise ConfigError(report.problems)
     print(f"# effective configuration of {args.config} (secrets redacted)")
     print(to_toml(redacted_dump(settings)))
+    if report is not None:
+        for line in report.lines:
+            print(f"ok: {line}", file=sys.stderr)
+        for warning in report.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
     if fc.missing:
         print(f"warning: {len(fc.missing)} referenced file(s) do not exist yet:", file=sys.stderr)
         for m in fc.missing:
@@ -65,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
         "check-config",
         help="validate a config file and print the effective configuration (secrets redacted)",
         description="Validate a config file: types, unknown keys, referenced files and their "
-        "permissions. Prints the effective configuration (file + QGW_* environment) with "
+        "permissions, and the credentials loaded exactly as `qgw run` loads them (PEM parses, "
+        "the key matches its certificate, the chain verifies to the CA, expiry, the KME client "
+        "TLS files). Prints the effective configuration (file + QGW_* environment) with "
         "secrets redacted. Exit 0 when valid, 2 with every problem listed otherwise.",
     )
     p.add_argument("--config", "-c", type=Path, required=True, help="path to the TOML config file")
@@ -104,8 +119,10 @@ _EXTRA_COMMANDS.append(_register_keysource)
 def _register_runtime(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from gateway.demo import register as demo
     from gateway.runtime import register as run
+    from gateway.status import register as status
 
     run(sub)
+    status(sub)
     demo(sub)
 
 

@@ -19,7 +19,7 @@ import tomllib
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -48,7 +48,7 @@ def _check_hostport(value: str) -> str:
     return value
 
 
-HostPort = Annotated[str, Field(pattern=r"^\S+:\d{1,5}$")]
+HostPort = str  # checked by _check_hostport in each section's validator (message in words)
 
 
 class Role(StrEnum):
@@ -137,7 +137,13 @@ class QkdMode(StrEnum):
 
 class QkdSourceKind(StrEnum):
     ETSI014 = "etsi014"
+    SKIP = "skip"
     STATIC = "static"
+
+    @property
+    def over_tls(self) -> bool:
+        """The source talks to a KME / key provider over mutual TLS (cert, key, ca needed)."""
+        return self is not QkdSourceKind.STATIC
 
 
 class QkdSection(Section):
@@ -151,10 +157,13 @@ class QkdSection(Section):
     )
     source: QkdSourceKind = Field(
         QkdSourceKind.ETSI014,
-        description="etsi014: the site's KME; static: a key file (tests only).",
+        description="etsi014: the site's KME over ETSI GS QKD 014; skip: the site's key "
+        "provider over Cisco SKIP (draft-cisco-skip); static: a key file (tests only).",
     )
     kme_url: str = Field(
-        "https://127.0.0.1:8443", description="Base URL of the site's KME (ETSI GS QKD 014, HTTPS)."
+        "https://127.0.0.1:8443",
+        description="Base URL of the site's KME (ETSI GS QKD 014 or SKIP API, HTTPS); for skip, "
+        "sae_id and peer_sae_id are the SKIP system IDs (peer_sae_id = remoteSystemID).",
     )
     sae_id: str = Field("sae-a", min_length=1, max_length=128, description="Our SAE ID at the KME.")
     peer_sae_id: str = Field(
@@ -177,12 +186,14 @@ class QkdSection(Section):
     def _source_fields(self) -> QkdSection:
         if self.mode is QkdMode.OFF:
             return self
-        if self.source is QkdSourceKind.ETSI014:
+        if self.source.over_tls:
             missing = [n for n in ("cert", "key", "ca") if getattr(self, n) is None]
             if missing:
-                raise ValueError(f"qkd.source = 'etsi014' needs {', '.join(missing)}")
+                raise ValueError(f"qkd.source = '{self.source.value}' needs {', '.join(missing)}")
             if not self.kme_url.startswith("https://"):
-                raise ValueError("qkd.kme_url must be https:// (ETSI GS QKD 014 requires TLS)")
+                raise ValueError(
+                    "qkd.kme_url must be https:// (ETSI GS QKD 014 and SKIP require TLS)"
+                )
         elif self.static_file is None:
             raise ValueError("qkd.source = 'static' needs static_file")
         if self.sae_id == self.peer_sae_id:
@@ -237,6 +248,12 @@ class Direction(StrEnum):
 class Rule(Section):
     """One topic rule, like a mosquitto bridge ``topic`` line."""
 
+    name: str = Field(
+        "",
+        pattern=r"^$|" + _NAME_PATTERN[1:],
+        description="Name in metrics and `qgw status` (default: '<direction>:<local_prefix>"
+        "<pattern>').",
+    )
     pattern: str = Field(
         ..., min_length=1, description="MQTT topic filter (after the prefix), e.g. 'sensors/#'."
     )
@@ -298,6 +315,24 @@ class MqttSection(Section):
     )
     rules: list[Rule] = Field(default_factory=list, description="Topic rules ([[mqtt.rules]]).")
 
+    @model_validator(mode="after")
+    def _unique_rule_names(self) -> MqttSection:
+        seen: dict[str, int] = {}
+        for i, rule in enumerate(self.rules):
+            label = rule_label(rule)
+            if label in seen:
+                raise ValueError(
+                    f"rules {seen[label]} and {i} are both named {label!r} in metrics; "
+                    "give one of them a distinct `name`"
+                )
+            seen[label] = i
+        return self
+
+
+def rule_label(rule: Rule) -> str:
+    """A rule's label in metrics and status: its ``name``, else direction and filter."""
+    return rule.name or f"{rule.direction.value}:{rule.local_prefix}{rule.pattern}"
+
 
 class MetricsSection(Section):
     """Health and Prometheus metrics over HTTP."""
@@ -311,6 +346,67 @@ class MetricsSection(Section):
     @classmethod
     def _hostport(cls, v: str) -> str:
         return v if v == "" else _check_hostport(v)
+
+
+def _check_tunnel_address(value: str, key: str) -> str:
+    """``host:port`` of a tunnel end, with a message in words (IPv6 as ``[::1]:port``)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f'{key} = {value!r} is not HOST:PORT (e.g. "127.0.0.1:1884")')
+    if host.startswith("["):
+        if not host.endswith("]") or len(host) < 3:
+            raise ValueError(f"{key} = {value!r}: an IPv6 address is written [ADDRESS]:PORT")
+    elif ":" in host:
+        raise ValueError(f"{key} = {value!r}: write an IPv6 address in brackets, [ADDRESS]:PORT")
+    if any(c.isspace() for c in host):
+        raise ValueError(f"{key} = {value!r}: the host contains white space")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{key} = {value!r}: the port must be a number from 0 to 65535")
+    return value
+
+
+def split_address(value: str) -> tuple[str, int]:
+    """A validated tunnel ``host:port`` as (host without brackets, port)."""
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class TunnelSection(Section):
+    """One ``[[tunnel]]``: a TCP service carried between the sites as streams (docs/tunnel.md).
+
+    The same ``name`` is configured on both gateways: on one with ``listen`` (local clients
+    connect there), on the other with ``connect`` (the local destination dialled for each
+    stream the peer opens by this name). A peer can only name tunnels; it never chooses an
+    address."""
+
+    name: str = Field(
+        ...,
+        pattern=r"^[A-Za-z0-9._-]{1,63}$",
+        description="Tunnel name, the same on both gateways ([A-Za-z0-9._-], 1 to 63 characters).",
+    )
+    listen: str | None = Field(
+        None,
+        description="HOST:PORT where this gateway accepts local TCP clients for this tunnel.",
+    )
+    connect: str | None = Field(
+        None,
+        description="HOST:PORT this gateway dials for each stream the peer opens by this name.",
+    )
+
+    @model_validator(mode="after")
+    def _one_end(self) -> TunnelSection:
+        if (self.listen is None) == (self.connect is None):
+            raise ValueError(
+                f"tunnel {self.name!r} needs exactly one of listen (this gateway accepts local "
+                "clients) or connect (this gateway dials the local destination)"
+            )
+        if self.listen is not None:
+            _check_tunnel_address(self.listen, "listen")
+        if self.connect is not None:
+            _check_tunnel_address(self.connect, "connect")
+            if split_address(self.connect)[1] == 0:
+                raise ValueError(f"tunnel {self.name!r}: connect needs a port other than 0")
+        return self
 
 
 class LoggingSection(Section):
@@ -345,6 +441,20 @@ class Settings(BaseSettings):
     )
     metrics: MetricsSection = Field(default_factory=MetricsSection, description="Metrics HTTP.")
     logging: LoggingSection = Field(default_factory=LoggingSection, description="Logging.")
+    tunnel: list[TunnelSection] = Field(
+        default_factory=list,
+        description="Tunnels ([[tunnel]]): TCP services carried between the sites as streams.",
+    )
+
+    @field_validator("tunnel")
+    @classmethod
+    def _unique_tunnels(cls, v: list[TunnelSection]) -> list[TunnelSection]:
+        seen: set[str] = set()
+        for t in v:
+            if t.name in seen:
+                raise ValueError(f"tunnel name {t.name!r} is used twice; names must be unique")
+            seen.add(t.name)
+        return v
 
     @classmethod
     def settings_customise_sources(
@@ -378,6 +488,16 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
     return "".join(parts)
 
 
+_PATTERN_WORDS = {
+    r"^$|" + _NAME_PATTERN[1:]: "must be empty or 1 to 63 characters: letters, digits, '.', "
+    "'_' or '-', starting with a letter or digit",
+    _NAME_PATTERN: "must be 1 to 63 characters: letters, digits, '.', '_' or '-', "
+    "starting with a letter or digit",
+    r"^[A-Za-z0-9_-]{0,64}$": "must be at most 64 letters, digits, '_' or '-'",
+    r"^mqtts?://": "must be a URL starting with mqtt:// or mqtts://",
+}
+
+
 def _problems_from(exc: ValidationError) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     for err in exc.errors(include_input=False, include_url=False):
@@ -387,6 +507,9 @@ def _problems_from(exc: ValidationError) -> list[tuple[str, str]]:
             problems.append((key, "unknown key"))
             continue
         msg = err["msg"]
+        if err["type"] == "string_pattern_mismatch":
+            pattern = str((err.get("ctx") or {}).get("pattern", ""))
+            msg = _PATTERN_WORDS.get(pattern, "has a value of the wrong form")
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         problems.append((key, msg))
@@ -428,10 +551,48 @@ def load_settings(path: Path | str, environ: dict[str, str] | None = None) -> Se
     return settings_from_dict(data, base=path.resolve().parent, environ=environ)
 
 
+# QGW_* names that are not configuration: used by the project's own scripts and tests.
+NON_CONFIG_ENV = frozenset({"QGW_UID", "QGW_GID", "QGW_ALLOW_NO_NETNS", "QGW_TEST_KEY_SOURCE"})
+
+
+def unknown_env_problems(environ: dict[str, str] | os._Environ[str]) -> list[tuple[str, str]]:
+    """Every ``QGW_*`` variable that names no setting (pydantic-settings would ignore it).
+
+    Accepted shapes: ``QGW_<SECTION>__<KEY>`` and ``QGW_<SECTION>`` (a whole section as JSON).
+    An unknown key inside a known section is reported by the model itself ("unknown key").
+    """
+    problems: list[tuple[str, str]] = []
+    sections = Settings.model_fields
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith("QGW_") or upper in NON_CONFIG_ENV:
+            continue
+        parts = upper[4:].lower().split("__")
+        section = parts[0]
+        if section not in sections:
+            hint = ""
+            for known in sections:
+                if section.startswith(known + "_"):
+                    key = section[len(known) + 1 :].upper()
+                    hint = f"; did you mean QGW_{known.upper()}__{key} (two underscores)?"
+                    break
+            problems.append((name, f"unknown environment variable: no section {section!r}{hint}"))
+            continue
+        if len(parts) > 2:
+            problems.append(
+                (name, "unknown environment variable: use QGW_<SECTION>__<KEY> (one level)")
+            )
+            continue
+    return problems
+
+
 def settings_from_dict(
     data: dict[str, Any], base: Path, environ: dict[str, str] | None = None
 ) -> Settings:
     """Build settings from an already parsed mapping (used by tests and ``init-demo``)."""
+    env_problems = unknown_env_problems(os.environ if environ is None else environ)
+    if env_problems:
+        raise ConfigError(env_problems)
     saved: dict[str, str] | None = None
     if environ is not None:
         # pydantic-settings reads os.environ; swap in the given mapping for this call.
@@ -464,7 +625,7 @@ def referenced_files(s: Settings) -> list[FileRef]:
     else:
         add("auth.psk_file", s.auth.psk_file, True)
     if s.qkd.mode is not QkdMode.OFF:
-        if s.qkd.source is QkdSourceKind.ETSI014:
+        if s.qkd.source.over_tls:
             add("qkd.cert", s.qkd.cert, False)
             add("qkd.key", s.qkd.key, True)
             add("qkd.ca", s.qkd.ca, False)
@@ -540,6 +701,12 @@ def to_toml(data: dict[str, Any]) -> str:
         raise TypeError(type(v).__name__)
 
     for section, body in data.items():
+        if isinstance(body, list):  # a top-level array of tables, e.g. [[tunnel]]
+            for row in body:
+                out.append(f"[[{section}]]")
+                out.extend(f"{rk} = {scalar(rv)}" for rk, rv in row.items() if rv is not None)
+                out.append("")
+            continue
         tables = {
             k: v for k, v in body.items() if isinstance(v, list) and v and isinstance(v[0], dict)
         }

@@ -1,11 +1,22 @@
-"""Load bootstrap credentials from the configured files and build the core's authenticator."""
+"""Load bootstrap credentials from the configured files and build the core's authenticator.
+
+``qgw run`` and ``qgw check-config --strict`` both go through :func:`load_authenticator`, so a
+file that ``check-config`` accepts is a file ``run`` can use, read as the same user. Every
+problem is a :class:`ConfigError` naming the config key and the file, never a traceback.
+"""
 
 from __future__ import annotations
 
 import datetime
+import getpass
+import os
+import ssl
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
 
-from gateway.config import AuthMode, Settings, require_files
+from gateway.config import AuthMode, QkdMode, Settings, require_files
 from gateway.core.auth import Authenticator, CertVerifier, PkiAuthenticator, PskAuthenticator
 from gateway.core.labels import PSK_LEN
 from gateway.crypto import Provider, SigAlg, x509
@@ -13,6 +24,28 @@ from gateway.errors import ConfigError, CryptoError
 from gateway.logs import register_secret
 
 ALLOWED_PEER_ALGS = frozenset({SigAlg.MLDSA65, SigAlg.MLDSA87})
+EXPIRY_WARNING = datetime.timedelta(days=30)
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers with a numeric uid)
+        return f"uid {os.getuid()}"
+
+
+def read_file(key: str, path: Path) -> bytes:
+    """Read a configured file; an OSError becomes a ConfigError naming the key, file and user."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            [(key, f"cannot read {path} as user {_user()}: {exc.strerror or exc}")]
+        ) from None
+
+
+def _utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
 
 
 def make_verifier(ca_pems: bytes) -> CertVerifier:
@@ -31,11 +64,20 @@ def load_authenticator(
     clock: Callable[[], datetime.datetime] | None = None,
 ) -> Authenticator:
     """Read the key, certificate and CA (pki) or the PSK (psk); refuse unsafe files."""
+    return load_credentials(settings, provider, clock)[0]
+
+
+def load_credentials(
+    settings: Settings,
+    provider: Provider,
+    clock: Callable[[], datetime.datetime] | None = None,
+) -> tuple[Authenticator, x509.OwnCertificate | None]:
+    """The authenticator and (pki) what we know of our own certificate."""
     require_files(settings)
     a = settings.auth
     if a.mode is AuthMode.PSK:
         assert a.psk_file is not None
-        psk = a.psk_file.read_bytes()
+        psk = read_file("auth.psk_file", a.psk_file)
         if len(psk) != PSK_LEN:
             raise ConfigError(
                 [
@@ -46,17 +88,31 @@ def load_authenticator(
                 ]
             )
         register_secret(psk)
-        return PskAuthenticator(settings.gateway.site_id, psk)
+        return PskAuthenticator(settings.gateway.site_id, psk), None
     assert a.cert is not None
     assert a.key is not None
     assert a.ca is not None
-    try:
-        chain = x509.load_cert_chain(a.cert.read_bytes())
-        key = x509.load_signing_key(a.key.read_bytes())
-        ca = a.ca.read_bytes()
-        identity = x509.certificate_name(chain[0])
-    except CryptoError as exc:
-        raise ConfigError([("auth", str(exc))]) from exc
+    cert_pem = read_file("auth.cert", a.cert)
+    key_pem = read_file("auth.key", a.key)
+    ca = read_file("auth.ca", a.ca)
+    chain = _crypto("auth.cert", a.cert, lambda: x509.load_cert_chain(cert_pem))
+    key = _crypto("auth.key", a.key, lambda: x509.load_signing_key(key_pem))
+    _crypto("auth.ca", a.ca, lambda: x509.load_ca_certificates(ca))
+    identity = _crypto("auth.cert", a.cert, lambda: x509.certificate_name(chain[0]))
+    if not _crypto("auth.key", a.key, lambda: x509.private_key_matches(key_pem, chain[0])):
+        raise ConfigError(
+            [("auth.key", f"{a.key} is not the private key of the certificate in {a.cert}")]
+        )
+    own = x509.check_own_certificate(chain, ca, (clock or _utcnow)())
+    now = (clock or _utcnow)()
+    if now > own.not_after:
+        raise ConfigError(
+            [("auth.cert", f"{a.cert} expired on {own.not_after:%Y-%m-%d %H:%M} UTC")]
+        )
+    if now < own.not_before:
+        raise ConfigError(
+            [("auth.cert", f"{a.cert} is not valid before {own.not_before:%Y-%m-%d %H:%M} UTC")]
+        )
     if identity == a.peer_name:
         raise ConfigError(
             [
@@ -66,7 +122,7 @@ def load_authenticator(
                 )
             ]
         )
-    return PkiAuthenticator(
+    authenticator = PkiAuthenticator(
         identity,
         certs=tuple(chain),
         key=key,
@@ -74,3 +130,106 @@ def load_authenticator(
         verifier=make_verifier(ca),
         clock=clock,
     )
+    return authenticator, own
+
+
+T = TypeVar("T")
+
+
+def _crypto(key: str, path: Path, load: Callable[[], T]) -> T:
+    try:
+        return load()
+    except CryptoError as exc:
+        raise ConfigError([(key, f"{path}: {exc}")]) from None
+
+
+def kme_tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The KME client's mutual-TLS context exactly as the ETSI 014 client builds it."""
+    from keysource.tls import client_context  # noqa: PLC0415 -- keysource stays optional here
+
+    q = settings.qkd
+    if q.mode is QkdMode.OFF or not q.source.over_tls:
+        return None
+    assert q.cert is not None
+    assert q.key is not None
+    assert q.ca is not None
+    for k, path in (("qkd.cert", q.cert), ("qkd.key", q.key), ("qkd.ca", q.ca)):
+        read_file(k, path)
+    try:
+        return client_context(q.cert, q.key, q.ca)
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            [("qkd", f"KME client TLS files ({q.cert}, {q.key}, {q.ca}) do not load: {exc.reason}")]
+        ) from None
+    except OSError as exc:
+        raise ConfigError([("qkd", f"KME client TLS files do not load: {exc.strerror}")]) from None
+
+
+def kme_certificate_not_after(settings: Settings) -> datetime.datetime | None:
+    """Expiry of the KME client certificate (None when no ETSI 014 client is configured)."""
+    q = settings.qkd
+    if q.mode is QkdMode.OFF or not q.source.over_tls or q.cert is None:
+        return None
+    pem = read_file("qkd.cert", q.cert)
+    return _crypto("qkd.cert", q.cert, lambda: x509.certificate_not_after(pem))
+
+
+@dataclass(slots=True)
+class CredentialReport:
+    """What ``check-config --strict`` tells the operator beyond "it loads"."""
+
+    lines: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+
+def check_credentials(
+    settings: Settings, provider: Provider, now: datetime.datetime | None = None
+) -> CredentialReport:
+    """Load every credential as ``run`` does, then check what the peer and the KME will check."""
+    report = CredentialReport()
+    now = now or _utcnow()
+    _, own = load_credentials(settings, provider, clock=lambda: now)
+    if own is not None:
+        left = own.not_after - now
+        report.lines.append(
+            f"auth: certificate {own.name!r} (sha256 {own.fingerprint[:16]}), key matches, "
+            f"valid until {own.not_after:%Y-%m-%d %H:%M} UTC ({left.days} days)"
+        )
+        if own.ca_problem is not None:
+            report.problems.append(
+                (
+                    "auth.ca",
+                    (
+                        f"our certificate does not verify against {settings.auth.ca}: "
+                        f"{own.ca_problem} (the peer checks it against its CA)"
+                    ),
+                )
+            )
+        else:
+            report.lines.append(f"auth: certificate chain verifies against {settings.auth.ca}")
+        if left < EXPIRY_WARNING:
+            report.warnings.append(f"auth.cert expires in {left.days} days: renew it")
+    else:
+        report.lines.append(f"auth: PSK loaded from {settings.auth.psk_file} (32 bytes)")
+    if kme_tls_context(settings) is not None:
+        q = settings.qkd
+        report.lines.append(
+            f"qkd: {q.source.value} client certificate, key and CA load ({q.kme_url})"
+        )
+        try:
+            assert q.cert is not None
+            not_after = x509.certificate_not_after(read_file("qkd.cert", q.cert))
+        except CryptoError as exc:
+            report.problems.append(("qkd.cert", f"{q.cert}: {exc}"))
+        else:
+            left = not_after - now
+            report.lines.append(
+                f"qkd: KME client certificate valid until {not_after:%Y-%m-%d %H:%M} UTC "
+                f"({left.days} days)"
+            )
+            if left < datetime.timedelta(0):
+                report.problems.append(("qkd.cert", f"{q.cert} has expired"))
+            elif left < EXPIRY_WARNING:
+                report.warnings.append(f"qkd.cert expires in {left.days} days: renew it")
+    return report

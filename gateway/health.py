@@ -4,6 +4,7 @@
 - ``/readyz``: 200 ``ok`` when the ``ready()`` callable says so (session established and keys
   fresh), else 503 with its reason. A ``ready()`` that raises counts as not ready.
 - ``/metrics``: the Prometheus text exposition of the gateway's :class:`~gateway.metrics.Metrics`.
+- ``/status``: the JSON document ``qgw status`` prints (gateway.status; no key material).
 
 Bind it to a management address (default ``127.0.0.1:9464``): it carries no secrets but tells
 an observer the gateway's state. ``listen`` may use port 0 (tests); :attr:`HttpServer.port` is
@@ -14,20 +15,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
 from gateway.errors import ConfigError, GatewayError
 from gateway.metrics import CONTENT_TYPE, Metrics
 
-__all__ = ["HttpServer", "ReadyCheck", "parse_listen", "start_http"]
+__all__ = ["HttpServer", "ReadyCheck", "StatusSource", "parse_listen", "start_http"]
 
 log = logging.getLogger(__name__)
 
 ReadyCheck = Callable[[], tuple[bool, str]]
+StatusSource = Callable[[], dict[str, Any]]
 
 _METRICS_KEY = web.AppKey("metrics", Metrics)
 _READY_KEY: web.AppKey[ReadyCheck] = web.AppKey("ready")
+_STATUS_KEY: web.AppKey[StatusSource] = web.AppKey("status")
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -62,7 +66,18 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
-def make_app(metrics: Metrics, ready: ReadyCheck) -> web.Application:
+async def _status(request: web.Request) -> web.Response:
+    try:
+        doc = request.app[_STATUS_KEY]()
+    except Exception:  # a bug in the status collector must not take the server down
+        log.exception("status collection raised")
+        return web.json_response({"error": "status collection failed"}, status=500)
+    return web.json_response(doc)
+
+
+def make_app(
+    metrics: Metrics, ready: ReadyCheck, status: StatusSource | None = None
+) -> web.Application:
     """The aiohttp application (exposed for embedding; :func:`start_http` is the usual entry)."""
     app = web.Application()
     app[_METRICS_KEY] = metrics
@@ -70,6 +85,9 @@ def make_app(metrics: Metrics, ready: ReadyCheck) -> web.Application:
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
+    if status is not None:
+        app[_STATUS_KEY] = status
+        app.router.add_get("/status", _status)
     return app
 
 
@@ -94,14 +112,19 @@ class HttpServer:
         return f"HttpServer({self.url})"
 
 
-async def start_http(listen: str, metrics: Metrics, ready: ReadyCheck) -> HttpServer:
+async def start_http(
+    listen: str, metrics: Metrics, ready: ReadyCheck, status: StatusSource | None = None
+) -> HttpServer:
     """Serve ``/healthz``, ``/readyz`` and ``/metrics`` on ``listen`` (``HOST:PORT``, port 0 ok).
 
     Raises ConfigError for a malformed address and GatewayError if it cannot be bound.
     """
     host, port = parse_listen(listen)
     runner = web.AppRunner(
-        make_app(metrics, ready), access_log=None, handle_signals=False, shutdown_timeout=1.0
+        make_app(metrics, ready, status),
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=1.0,
     )
     await runner.setup()
     site = web.TCPSite(runner, host, port)

@@ -70,6 +70,8 @@ class DemoPorts:
     mqtt_b: int
     metrics_a: int
     metrics_b: int
+    kme_a_skip: int  # Cisco SKIP API of KME A (appended last: older --base-port layouts hold)
+    kme_b_skip: int
 
     @classmethod
     def pick(cls, base_port: int | None = None) -> DemoPorts:
@@ -137,6 +139,9 @@ KME_TOML = """\
 # Format and presets: docs/keysource.md. Paths are relative to this file.
 
 [link]                          # the simulated QKD link shared by KME A and KME B
+# model: "rate" (key accrues at rate_bps, QBER qber) or "bb84" (key from a simulated
+# decoy-state BB84 link, [link.bb84] below; rate_bps and qber are then not used)
+model = "{model}"
 rate_bps = 100000.0             # secret key rate at the qber below (metro link: 1e5 .. 2e6)
 key_size = 256                  # default key size (bits)
 min_key_size = 64
@@ -147,7 +152,7 @@ qber = 0.02                     # quantum bit error rate without an eavesdropper
 qber_abort_threshold = 0.11     # above this the link aborts (eavesdropper: ~25 %)
 initial_keys = 100              # keys in the pool at start
 
-[sync]                          # KME-to-KME channel (two-process mode only), mutual TLS
+{bb84}[sync]                          # KME-to-KME channel (two-process mode only), mutual TLS
 ca = "kme-pki/sync-ca.crt"
 timeout_seconds = 5.0
 
@@ -155,6 +160,7 @@ timeout_seconds = 5.0
 kme_id = "{kme_a_id}"
 sae_ids = ["{sae_a}"]
 listen = "127.0.0.1:{p.kme_a}"        # ETSI GS QKD 014 API, HTTPS with client certificates
+skip_listen = "127.0.0.1:{p.kme_a_skip}"  # Cisco SKIP API: same certificates, same key pool
 cert = "kme-pki/kme-a.crt"
 key = "kme-pki/kme-a.key"
 ca = "kme-pki/ca.crt"                  # CA of the SAE client certificates
@@ -167,6 +173,7 @@ sync_key = "kme-pki/kme-a-sync.key"
 kme_id = "{kme_b_id}"
 sae_ids = ["{sae_b}"]
 listen = "127.0.0.1:{p.kme_b}"
+skip_listen = "127.0.0.1:{p.kme_b_skip}"
 cert = "kme-pki/kme-b.crt"
 key = "kme-pki/kme-b.key"
 ca = "kme-pki/ca.crt"
@@ -177,10 +184,32 @@ sync_key = "kme-pki/kme-b-sync.key"
 """
 
 
-def write_kme_config(root: Path, ports: DemoPorts) -> Path:
-    """Write ``root/kme.toml`` and check that it loads."""
+KME_TOML_BB84 = """\
+[link.bb84]                     # decoy-state BB84 link (model = "bb84"; docs/keysource.md 3.7)
+preset = "metro"                # gys | metro | long; keys below override the preset
+distance_km = 25.0              # fibre length
+pulse_rate_hz = 1.0e7           # metro's 1 GHz scaled to 10 MHz: post-processing keeps up live
+block_sifted_bits = 262144      # sifted Z bits per block (~3.3 s of link time here)
+eve_ir_fraction = 0.0           # intercept-resend on this fraction of the pulses
+eve_pns_fraction = 0.0          # photon-number splitting on this fraction
+eps_sec = 1e-9                  # finite-key secrecy parameter (Lim et al. 2014)
+eps_cor = 1e-15                 # correctness parameter (verification tag)
+
+"""
+
+
+def write_kme_config(root: Path, ports: DemoPorts, link_model: str = "rate") -> Path:
+    """Write ``root/kme.toml`` and check that it loads (``link_model``: "rate" or "bb84")."""
+    if link_model not in ("rate", "bb84"):
+        raise ValueError("link_model must be 'rate' or 'bb84'")
     text = KME_TOML.format(
-        p=ports, kme_a_id=KME_IDS[0], kme_b_id=KME_IDS[1], sae_a=SAE_IDS[0], sae_b=SAE_IDS[1]
+        p=ports,
+        kme_a_id=KME_IDS[0],
+        kme_b_id=KME_IDS[1],
+        sae_a=SAE_IDS[0],
+        sae_b=SAE_IDS[1],
+        model=link_model,
+        bb84=KME_TOML_BB84 if link_model == "bb84" else "",
     )
     path = root / "kme.toml"
     path.write_text(text, encoding="utf-8")
@@ -197,8 +226,20 @@ def write_psk(root: Path, name: str = "psk") -> Path:
     return path
 
 
-def site_sections(ports: DemoPorts) -> Sites:
-    """The two site configs as plain dicts (complete for ``qgw check-config``)."""
+KEY_SOURCES = ("etsi014", "skip")
+
+
+def site_sections(ports: DemoPorts, key_source: str = "etsi014") -> Sites:
+    """The two site configs as plain dicts (complete for ``qgw check-config``).
+
+    ``key_source``: ``etsi014`` (the KMEs' ETSI GS QKD 014 API) or ``skip`` (their Cisco SKIP
+    API); the same certificates either way.
+    """
+    if key_source not in KEY_SOURCES:
+        raise ConfigError([("--key-source", f"must be one of {', '.join(KEY_SOURCES)}")])
+    kme_ports = (
+        (ports.kme_a_skip, ports.kme_b_skip) if key_source == "skip" else (ports.kme_a, ports.kme_b)
+    )
     sites: Sites = {}
     for i, site in enumerate(SITES):
         me, other = i, 1 - i
@@ -220,8 +261,8 @@ def site_sections(ports: DemoPorts) -> Sites:
             },
             "qkd": {
                 "mode": "required",
-                "source": "etsi014",
-                "kme_url": f"https://127.0.0.1:{(ports.kme_a, ports.kme_b)[me]}",
+                "source": key_source,
+                "kme_url": f"https://127.0.0.1:{kme_ports[me]}",
                 "sae_id": SAE_IDS[me],
                 "peer_sae_id": SAE_IDS[other],
                 "cert": f"{KME_PKI}/{SAE_IDS[me]}.crt",
@@ -235,6 +276,7 @@ def site_sections(ports: DemoPorts) -> Sites:
                 "client_id": f"qgw-{site}",
                 "rules": [
                     {
+                        "name": "demo",
                         "pattern": "demo/#",
                         "direction": "both",
                         "qos": 1,
@@ -273,9 +315,20 @@ class DemoResult:
 
 
 def init_demo(
-    root: Path, base_port: int | None = None, force: bool = False, kme_hosts: tuple[str, ...] = ()
+    root: Path,
+    base_port: int | None = None,
+    force: bool = False,
+    kme_hosts: tuple[str, ...] = (),
+    key_source: str = "etsi014",
+    *,
+    link_model: str = "rate",
 ) -> DemoResult:
-    """Write the whole demo set into ``root`` (refuses to overwrite unless ``force``)."""
+    """Write the whole demo set into ``root`` (refuses to overwrite unless ``force``).
+
+    ``key_source``: how the gateways fetch QKD keys from the simulator (``etsi014`` or ``skip``).
+    ``link_model`` of kme.toml: "rate" (fast; what tests use) or "bb84" (``qgw init-demo`` and
+    ``qgw demo``: the keys come from a simulated BB84 link).
+    """
     root = Path(root)
     ours = ["kme.toml", "psk", *(f"{s}.toml" for s in SITES), KME_PKI, "gw-pki"]
     existing = [n for n in ours if (root / n).exists()]
@@ -287,17 +340,24 @@ def init_demo(
     os.chmod(root, 0o700)
     ports = DemoPorts.pick(base_port)
     write_kme_pki(root, kme_hosts)
-    kme = write_kme_config(root, ports)
+    kme = write_kme_config(root, ports, link_model)
     write_psk(root)
     write_gateway_pki(root, list(SITES), force=force)
-    sites = site_sections(ports)
+    sites = site_sections(ports, key_source)
     for step in EXTRA_STEPS:
         step(root, sites)
     return DemoResult(root, ports, kme, write_site_configs(root, sites))
 
 
 def cmd_init_demo(args: argparse.Namespace) -> int:
-    res = init_demo(args.dir, args.base_port, args.force, tuple(args.kme_host))
+    res = init_demo(
+        args.dir,
+        args.base_port,
+        args.force,
+        tuple(args.kme_host),
+        args.key_source,
+        link_model=args.link_model,
+    )
     print(f"demo written to {res.root}")
     for k, v in asdict(res.ports).items():
         print(f"  {k:12} 127.0.0.1:{v}")
@@ -330,5 +390,19 @@ def register(sub: Any) -> None:
         default=[],
         help="extra DNS name or IP for the KME certificates (repeatable)",
     )
+    p.add_argument(
+        "--key-source",
+        choices=KEY_SOURCES,
+        default="etsi014",
+        help="how the gateways get QKD keys from the KME simulator: its ETSI GS QKD 014 API "
+        "(default) or its Cisco SKIP API (draft-cisco-skip); kme.toml serves both",
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing demo in DIR")
+    p.add_argument(
+        "--link-model",
+        choices=["bb84", "rate"],
+        default="bb84",
+        help="QKD link model in kme.toml: bb84 (keys from a simulated decoy-state BB84 link, "
+        "default) or rate (a bare key rate; fast)",
+    )
     p.set_defaults(handler=cmd_init_demo)

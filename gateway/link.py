@@ -17,15 +17,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import os
 import random
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.config import QkdMode, Role, Settings, Suite
 from gateway.core import labels as L
+from gateway.core.admission import Admitted
 from gateway.core.auth import Authenticator
 from gateway.core.connection import (
     Alarm,
@@ -49,6 +53,7 @@ from gateway.errors import (
     PeerRejected,
     PeerUnavailable,
 )
+from gateway.logs import RateLimitedSummary
 from gateway.metrics import ALARMS, Metrics, kme_error_kind
 from keysource.base import KeySource
 
@@ -57,7 +62,16 @@ log = logging.getLogger("qgw.link")
 KEEPALIVE_SECONDS = 5.0
 DEAD_PEER_SECONDS = 20.0
 PRE_AUTH_IDLE_SECONDS = 5.0  # an unauthenticated connection that goes quiet this long is dropped
-MAX_PENDING_CONNECTIONS = 4  # responder: half-open handshakes at once
+# Responder admission pool (docs/protocol.md §7): connections that have not sent a valid HELLO.
+MAX_PENDING_CONNECTIONS = 64  # in all
+MAX_PENDING_PER_ADDRESS = 8  # per source address (TCP has proven it)
+HELLO_DEADLINE_SECONDS = 2.0
+PRE_HELLO_MAX_BYTES = 1024  # bytes a pending connection may send before its HELLO is valid  # from accept to a valid HELLO (the real peer needs one round trip)
+TRUSTED_SOURCES = 16  # addresses that recently authenticated: evicted last when the pool is full
+LISTEN_BACKLOG = 1024  # asyncio's default of 100 overflows under a connection flood
+CONNECT_ATTEMPT_SECONDS = 0.5  # initiator: first TCP connect attempt (then 1 s, 2 s, ...)
+ACCEPT_BATCH = 512  # connections accepted per readiness event of the listening socket
+SUMMARY_SECONDS = 10.0  # one log line per this many seconds about unauthenticated connections
 READ_CHUNK = 256 * 1024
 WRITE_HIGH_WATER = 1 << 20  # bytes queued in the socket before send() waits (backpressure)
 
@@ -69,6 +83,23 @@ POLICY_IDS = {
     QkdMode.REQUIRED: L.QkdPolicyId.REQUIRED,
     QkdMode.PREFERRED: L.QkdPolicyId.PREFERRED,
     QkdMode.OFF: L.QkdPolicyId.OFF,
+}
+
+
+SESSION_UP = "session %s with %s: epoch %d, %s%s%s"
+
+#: What a peer's refusal during the handshake means for the operator (logged, counted).
+PEER_REJECTION_HINTS: dict[L.Alert, str] = {
+    L.Alert.BAD_CERTIFICATE: "the peer does not accept our certificate (check that its auth.ca "
+    "holds the CA that signed our auth.cert, and the certificate's validity)",
+    L.Alert.WRONG_IDENTITY: "our identity is not the peer's auth.peer_name",
+    L.Alert.AUTHENTICATION_FAILED: "our signature or PSK MAC did not verify at the peer (key not "
+    "matching the certificate, or a different PSK)",
+    L.Alert.ADMISSION_FAILED: "the peer refused our HELLO proof (different PSK or chain)",
+    L.Alert.SUITE_MISMATCH: "crypto.suite differs between the two sites",
+    L.Alert.AUTH_MODE_MISMATCH: "auth.mode differs between the two sites",
+    L.Alert.QKD_POLICY_MISMATCH: "qkd.mode differs between the two sites",
+    L.Alert.UNSUPPORTED_VERSION: "the peer speaks another protocol version",
 }
 
 
@@ -126,6 +157,21 @@ class _Session:
         self.tasks: set[asyncio.Task[None]] = set()
         self._flush_scheduled = False
         self._counted: collections.Counter[str] = collections.Counter()
+        self.accepted_at = self.last_rx
+        self.source = ""
+        self.admitted = False  # responder: a valid HELLO arrived (AD4)
+        self.authenticated = False  # responder: ... proven with the chain key or the PSK
+        self.count_ok: str | None = None  # initiator: handshake reason to count once R confirms
+        self.confirmed = False  # initiator: R's first record of the session arrived
+        # initiator: the "session up" log line, held until R confirms (level, args, fields)
+        self.up_message: tuple[int, tuple[object, ...], dict[str, object]] | None = None
+        self.refused_before_admit = False  # initiator: closed by the peer before ADMIT
+
+    def hello_deadline(self) -> float | None:
+        """Responder: a connection that has not been admitted by then is closed (§7)."""
+        if self.link.role is CoreRole.INITIATOR or self.admitted:
+            return None
+        return self.accepted_at + HELLO_DEADLINE_SECONDS
 
     def now(self) -> float:
         return time.monotonic()
@@ -135,7 +181,12 @@ class _Session:
 
     def idle_limit(self) -> float:
         """Silence allowed before the connection is dropped."""
-        if self.established.is_set() or self.tasks or self.link.role is CoreRole.INITIATOR:
+        if (
+            self.established.is_set()
+            or self.tasks
+            or self.authenticated
+            or self.link.role is CoreRole.INITIATOR
+        ):
             return DEAD_PEER_SECONDS  # authenticated, or waiting for our own KME
         return PRE_AUTH_IDLE_SECONDS
 
@@ -173,7 +224,9 @@ class _Session:
             while self.conn.state is not State.CLOSED:
                 await self._handle_events()
                 self.flush()
-                await self.writer.drain()
+                # No drain() here: a read loop that waits for its own writes deadlocks when
+                # both gateways send in bulk at once (each waits for the other to read).
+                # Application sends wait in PeerLink.send; what this loop writes is small.
                 if self.is_closed():
                     break
                 now = self.now()
@@ -181,6 +234,8 @@ class _Session:
                 if self.conn.state is State.ESTABLISHED:
                     timers.append(self.last_tx + KEEPALIVE_SECONDS)
                 if (t := self.conn.get_timer()) is not None:
+                    timers.append(t)
+                if (t := self.hello_deadline()) is not None:
                     timers.append(t)
                 timeout = max(0.0, min(timers) - now)
                 if read_task is None:
@@ -201,10 +256,16 @@ class _Session:
                     self.last_rx = now
                     self.conn.receive_data(data, now)
                     self._count_records()
+                    if self.count_ok is not None and self.conn.stats["records_received"]:
+                        self.link._confirmed(self)  # R's first record: the session is real
                 t = self.conn.get_timer()
                 if t is not None and now >= t:
                     self.conn.handle_timer(now)
-                if now - self.last_rx >= self.idle_limit():
+                hello_by = self.hello_deadline()
+                if hello_by is not None and now >= hello_by and not self.is_closed():
+                    self.link.metrics.admission_eviction("hello_deadline")
+                    self.conn.close(now, L.Alert.TIMEOUT, "no valid HELLO in time")
+                elif now - self.last_rx >= self.idle_limit():
                     self.conn.close(now, L.Alert.TIMEOUT, "peer silent")
                     self.link.status.last_close = "peer silent (dead-peer timeout)"
                 elif (
@@ -235,7 +296,9 @@ class _Session:
     async def _handle_events(self) -> None:
         link = self.link
         while (ev := self.conn.next_event()) is not None:
-            if isinstance(ev, NeedQkdKeys):
+            if isinstance(ev, Admitted):
+                link._on_admitted(self, ev)
+            elif isinstance(ev, NeedQkdKeys):
                 self._spawn(self._fetch(ev.count, None))
             elif isinstance(ev, NeedQkdKeysById):
                 self._spawn(self._fetch(len(ev.key_ids), ev.key_ids))
@@ -284,7 +347,14 @@ class _Session:
                 link.metrics.set_alarm(
                     "kme_unreachable", kind in ("unavailable", "timeout", "unauthorized")
                 )
-                log.warning("QKD key source: %s failed (%s): %s", op, kind, exc)
+                log.warning(
+                    "QKD key source %s: %s failed (%s): %s",
+                    link.settings.qkd.kme_url,
+                    op,
+                    kind,
+                    exc,
+                    extra={"event": "kme_error", "reason": kind},
+                )
         if self.is_closed():
             return
         try:
@@ -293,6 +363,128 @@ class _Session:
             log.error("QKD keys could not be used: %s", exc)  # noqa: TRY400 -- no traceback needed
             self.conn.close(self.now(), L.Alert.INTERNAL_ERROR, "bad QKD key")
         self.wake.set()
+
+
+def _same(p: _Pending) -> _Pending:
+    return p
+
+
+class _Pending(asyncio.Protocol):
+    """Responder: one connection before its HELLO (the pending pool, docs/protocol.md §7).
+
+    No task, no stream objects, one timer: AD1 (CHALLENGE) goes out on accept, bytes go to the
+    core until AD3 accepts a HELLO; then the transport is handed to a :class:`_Session` with the
+    same core :class:`Connection` (its ADMIT still queued). Anything else closes it, counted.
+    """
+
+    def __init__(self, link: PeerLink, source: str) -> None:
+        self.link = link
+        self.transport: asyncio.Transport | None = None
+        self.conn: Connection | None = None
+        self.source = source
+        self._timer: asyncio.TimerHandle | None = None
+        self._done = False  # closed, evicted or handed over
+        self._received = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        link = self.link
+        self.transport = transport
+        if self._done or link.stopping():  # evicted between accept and here, or shutting down
+            self._done = True
+            link._pool_remove(self)
+            transport.abort()
+            return
+        self.conn = Connection(
+            link.params, link.auth, link.provider, link.rng, link.assoc, source=self.source
+        )
+        transport.write(self.conn.data_to_send())  # AD1: CHALLENGE
+        self._timer = asyncio.get_running_loop().call_later(HELLO_DEADLINE_SECONDS, self._expire)
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        if conn is None or self._done:
+            return
+        self._received += len(data)
+        if self._received > PRE_HELLO_MAX_BYTES:  # a HELLO is < 200 bytes: bound pool memory
+            self.close(L.Alert.TOO_LARGE, "too many bytes before a valid HELLO")
+            return
+        try:
+            conn.receive_data(data, time.monotonic())
+        except Exception:  # a bug must cost one connection, never the gateway
+            log.exception("pending connection aborted by an internal error")
+            self.link.internal_errors += 1
+            self.close(L.Alert.INTERNAL_ERROR, "internal error")
+            return
+        if conn.state is State.CLOSED:
+            self._finish()
+        elif conn.state is not State.R_EXPECT_HELLO:
+            self._upgrade()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._done:
+            self._done = True
+            self._cancel()
+            self.link._pool_remove(self)
+            self.link._pending_closed(None)
+
+    def eof_received(self) -> bool | None:
+        return False  # close our side too
+
+    def close(self, alert: L.Alert, reason: str) -> None:
+        if self._done:
+            return
+        if self.conn is None:  # accepted, transport not made yet: connection_made aborts it
+            self._done = True
+            self.link._pool_remove(self)
+            return
+        self.conn.close(time.monotonic(), alert, reason)
+        self._finish()
+
+    def _expire(self) -> None:
+        if not self._done:
+            self.link.metrics.admission_eviction("hello_deadline")
+            self.close(L.Alert.TIMEOUT, "no valid HELLO in time")
+
+    def _cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _finish(self) -> None:
+        """The core closed the connection before admission: send its alert, count, close."""
+        assert self.conn is not None
+        assert self.transport is not None
+        self._done = True
+        self._cancel()
+        self.link._pool_remove(self)
+        out = self.conn.data_to_send()
+        if out and not self.transport.is_closing():
+            self.transport.write(out)
+        closed = [e for e in iter(self.conn.next_event, None) if isinstance(e, Closed)]
+        self.link._pending_closed(closed[0] if closed else None)
+        self.transport.close()
+
+    def _upgrade(self) -> None:
+        """AD3 passed: hand the transport and the core over to a full session (AD4 onwards)."""
+        assert self.conn is not None
+        assert self.transport is not None
+        self._done = True
+        self._cancel()
+        link = self.link
+        link._pool_remove(self)
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=READ_CHUNK * 2, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        self.transport.set_protocol(protocol)
+        protocol.connection_made(self.transport)
+        writer = asyncio.StreamWriter(self.transport, protocol, reader, loop)
+        s = _Session(link, self.conn, reader, writer)
+        s.source = self.source
+        s.admitted = True
+        task = asyncio.ensure_future(link._serve_admitted(s))
+        link._sessions.add(task)
+        task.add_done_callback(link._sessions.discard)
 
 
 class PeerLink:
@@ -327,11 +519,20 @@ class PeerLink:
         self._current: _Session | None = None
         self._up = asyncio.Event()
         self._stopping = False
-        self._server: asyncio.Server | None = None
         self._listen_port: int | None = None
         self._rebootstrap_next = False
+        self._down_since: float | None = None
         self.internal_errors = 0
-        self._unauthenticated: list[_Session] = []
+        # responder: connections without a valid HELLO yet, oldest first (the pending pool, §7)
+        self._pending: dict[_Pending | _Session, None] = {}
+        self._pending_by_source: collections.Counter[str] = collections.Counter()
+        self._listen_socks: list[socket.socket] = []
+        self._trusted_sources: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.closed_summary = RateLimitedSummary(
+            log, "unauthenticated connections closed", interval=SUMMARY_SECONDS
+        )
+        self.last_load_refusal = False  # initiator: the last connection was refused for load
+        self._sessions: set[asyncio.Task[Any]] = set()  # responder: accept and session tasks
 
     # --- public ---
 
@@ -396,10 +597,17 @@ class PeerLink:
             s.wake.set()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(s.closed.wait(), 3)
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 3)
+        self._close_listener()
+        for p in list(self._pending):  # responder: connections not (yet) authenticated
+            if isinstance(p, _Pending):
+                p.close(L.Alert.CLOSE_NOTIFY, "shutting down")
+            else:
+                p.conn.close(p.now(), L.Alert.CLOSE_NOTIFY, "shutting down")
+                p.wake.set()
+        for task in list(self._sessions):
+            task.cancel()
+        if self._sessions:
+            await asyncio.wait(list(self._sessions), timeout=3)
         self.assoc.forget()
 
     def rekey_now(self) -> None:
@@ -427,10 +635,7 @@ class PeerLink:
         while not self._stopping:
             self.metrics.set_session("connecting")
             try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(host, int(port)),
-                    self.settings.gateway.connect_timeout_seconds,
-                )
+                reader, writer = await self._connect(host, int(port))
             except (OSError, TimeoutError) as exc:
                 self.status.last_close = f"connect failed: {exc.__class__.__name__}"
                 log.info(
@@ -440,18 +645,54 @@ class PeerLink:
                     delay,
                 )
             else:
+                self.last_load_refusal = False
                 ok = await self._serve_connection(reader, writer)
                 if ok:
                     delay = 0.5
+                elif not self.last_load_refusal and not self.stopping():
+                    log.info(
+                        "no session with the peer (%s); retry with back-off %.1f s",
+                        self.status.last_close or "closed",
+                        delay,
+                        extra={"event": "retry", "reason": self.status.last_close},
+                    )
+                elif self.last_load_refusal:
+                    # refused before ADMIT (alert 17, eviction): the responder is loaded, we
+                    # spent no QKD key; retry soon without growing the back-off
+                    delay = min(delay, 0.5)
+                    await asyncio.sleep(random.uniform(0.05, 0.25))  # noqa: S311 -- jitter
+                    continue
             if self.stopping():
                 break
             await asyncio.sleep(random.uniform(0.5, 1.0) * delay)  # noqa: S311 -- jitter, not a secret
             delay = min(cap, delay * 2)
 
+    async def _connect(
+        self, host: str, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """TCP connect within ``connect_timeout_seconds``, in attempts of 0.5 s, 1 s, 2 s, ...
+
+        A SYN dropped by a responder whose accept queue a flood has filled would otherwise wait
+        for the kernel's exponential SYN back-off (1 s, 3 s, 7 s); a fresh attempt sends a
+        fresh SYN sooner."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.gateway.connect_timeout_seconds
+        attempt = CONNECT_ATTEMPT_SECONDS
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TimeoutError("connect timed out")
+            try:
+                return await asyncio.wait_for(
+                    asyncio.open_connection(host, port), min(attempt, left)
+                )
+            except TimeoutError:
+                attempt *= 2
+
     async def _serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> bool:
-        """Run one connection; True if it reached ESTABLISHED."""
+        """Run one connection; True if it reached ESTABLISHED (initiator: confirmed by R)."""
         conn = Connection(self.params, self.auth, self.provider, self.rng, self.assoc)
         s = _Session(self, conn, reader, writer)
         self.status.connected = True
@@ -465,48 +706,189 @@ class PeerLink:
         finally:
             if self._current is s:
                 self._lost()
+        if self.role is CoreRole.INITIATOR:
+            return s.confirmed  # an unconfirmed session (R refused CONFIRM) must back off
         return s.established.is_set()
 
     # --- responder ---
 
     async def _run_responder(self) -> None:
         host, _, port = self.settings.gateway.listen.rpartition(":")
-        self._server = await asyncio.start_server(self._accept, host.strip("[]"), int(port))
-        self._listen_port = self._server.sockets[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+        infos = socket.getaddrinfo(
+            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        bound = int(port)
+        seen: set[tuple[int, str | int]] = set()
+        for family, stype, proto, _, addr in infos:  # every address, as asyncio's server does
+            if (family, addr[0]) in seen:
+                continue
+            seen.add((family, addr[0]))
+            sock = socket.socket(family, stype, proto)
+            self._listen_socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and len(infos) > 1:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((addr[0], bound, *addr[2:]))
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+            bound = sock.getsockname()[1]  # port 0: the others share the port chosen first
+            # Our own accept loop: the pool decision (§7) is made on the bare socket, so refusing
+            # a flood connection costs an accept() and a close(), nothing more; only connections
+            # that enter the pool get a transport and a bare _Pending protocol (no task).
+            loop.add_reader(sock.fileno(), self._on_acceptable, sock)
+        self._listen_port = bound
         log.info("listening for the peer gateway on %s:%s", host, self._listen_port)
         self.metrics.set_session("down")
         try:
             while not self._stopping:
                 await asyncio.sleep(0.5)
+                self.closed_summary.flush()
         finally:
-            self._server.close()
+            self.closed_summary.flush(force=True)
+            self._close_listener()
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._stopping:
-            writer.close()
-            return
-        if len(self._unauthenticated) >= MAX_PENDING_CONNECTIONS:
-            # Evict the oldest unauthenticated connection rather than refuse the newest, so
-            # idle sockets cannot lock the real peer out.
-            old = self._unauthenticated.pop(0)
-            old.conn.close(old.now(), L.Alert.RATE_LIMITED, "too many unauthenticated connections")
-            old.wake.set()
-        peer = writer.get_extra_info("peername")
-        source = str(peer[0]) if isinstance(peer, tuple) and peer else ""
-        conn = Connection(
-            self.params, self.auth, self.provider, self.rng, self.assoc, source=source
-        )
-        s = _Session(self, conn, reader, writer)
-        self._unauthenticated.append(s)
+    def _close_listener(self) -> None:
+        socks, self._listen_socks = self._listen_socks, []
+        for sock in socks:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(sock.fileno())
+            sock.close()
+
+    def _on_acceptable(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        refused: collections.Counter[str] = collections.Counter()
+        try:
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    # the raw descriptor: refusing a flood connection then costs no socket object
+                    fd, addr = sock._accept()  # type: ignore[attr-defined]
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:  # EMFILE and friends: counted in the summary, retried
+                    self.closed_summary.add(f"accept_{exc.__class__.__name__}")
+                    return
+                source = str(addr[0]) if isinstance(addr, tuple) and addr else ""
+                reason = "shutdown" if self._stopping else self._room_for(source)
+                if reason:
+                    os.close(fd)
+                    refused[reason] += 1
+                    continue
+                self._take(fd, source, sock, loop)
+        finally:
+            for reason, n in refused.items():  # one metrics update per batch, not per socket
+                self.metrics.admission_eviction(reason, n)
+
+    def _take(
+        self, fd: int, source: str, lsock: socket.socket, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        """A connection enters the pending pool: a transport with a bare _Pending protocol."""
+        csock = socket.socket(lsock.family, lsock.type, lsock.proto, fileno=fd)
+        csock.setblocking(False)
+        pend = _Pending(self, source)
+        self._pool_add(pend)
+        task = loop.create_task(loop.connect_accepted_socket(functools.partial(_same, pend), csock))
+        self._sessions.add(task)
+        task.add_done_callback(self._sessions.discard)
+
+    def _pool_add(self, p: _Pending | _Session) -> None:
+        if p not in self._pending:
+            self._pending[p] = None
+            self._pending_by_source[p.source] += 1
+            self.metrics.set_pending_connections(len(self._pending))
+
+    def _pool_remove(self, p: _Pending | _Session) -> None:
+        if self._pending.pop(p, 0) is None:
+            self._pending_by_source[p.source] -= 1
+            if self._pending_by_source[p.source] <= 0:
+                del self._pending_by_source[p.source]
+            self.metrics.set_pending_connections(len(self._pending))
+
+    async def _serve_admitted(self, s: _Session) -> None:
+        """Run a connection that passed AD3 (its ADMIT is still queued in the core)."""
         try:
             await s.run()
         finally:
-            if s in self._unauthenticated:
-                self._unauthenticated.remove(s)
+            self._pool_remove(s)
             if self._current is s:
                 self._lost()
 
+    def _make_room(self, source: str) -> bool:
+        """:meth:`_room_for` that counts its refusal; True if the connection may be taken."""
+        reason = self._room_for(source)
+        if reason:
+            self.metrics.admission_eviction(reason)
+        return not reason
+
+    def _room_for(self, source: str) -> str:
+        """The pool decision for a new connection from ``source`` (docs/protocol.md §7).
+
+        Returns the refusal reason, or "" to take the connection (after evicting one pending
+        connection if the pool is full). Authenticated connections are not in the
+        pool and are never evicted.
+
+        - its address already holds MAX_PENDING_PER_ADDRESS pending: refuse (``address_cap``);
+        - pool not full: take it;
+        - pool full: the victim is the oldest connection of the address holding the most, among
+          addresses that have not recently authenticated (those come last). A newcomer from a
+          recently authenticated address always gets a victim; any other newcomer only when the
+          victim's address holds at least two more than its own (``pool_full``), else it is
+          refused (``pool_busy``): a flat flood from many addresses then costs one accept() and
+          one close() per connection instead of churning the pool.
+        """
+        counts = self._pending_by_source
+        same = counts.get(source, 0)
+        if same >= MAX_PENDING_PER_ADDRESS:
+            return "address_cap"
+        if len(self._pending) < MAX_PENDING_CONNECTIONS:
+            return ""
+        candidates = [a for a in counts if a not in self._trusted_sources] or list(counts)
+        most = max(counts[a] for a in candidates)
+        if source not in self._trusted_sources and most < same + 2:
+            return "pool_busy"
+        victim = next(
+            p for p in self._pending if p.source in candidates and counts[p.source] == most
+        )
+        self._evict(victim, "pool_full")
+        return ""
+
+    def _evict(self, s: _Pending | _Session, reason: str) -> None:
+        self._pool_remove(s)
+        self.metrics.admission_eviction(reason)
+        if isinstance(s, _Pending):
+            s.close(L.Alert.RATE_LIMITED, f"evicted ({reason})")
+            return
+        s.conn.close(s.now(), L.Alert.RATE_LIMITED, f"evicted ({reason})")
+        s.flush()
+        s.wake.set()
+
+    def _pending_closed(self, ev: Closed | None) -> None:
+        """A pending connection ended before a valid HELLO: count it, summarise it (no WARNING)."""
+        reason = "peer_eof" if ev is None else ev.alert.name.lower()
+        self.metrics.admission_refusal(reason)
+        who = "peer" if ev is None or ev.by_peer else "local"
+        self.closed_summary.add(f"{who}_{reason}")
+
+    def _trust_source(self, source: str) -> None:
+        self._trusted_sources.pop(source, None)
+        self._trusted_sources[source] = None
+        while len(self._trusted_sources) > TRUSTED_SOURCES:
+            self._trusted_sources.popitem(last=False)
+
     def _lost(self) -> None:
+        if self._up.is_set() and not self._stopping:
+            self._down_since = time.monotonic()
+            log.warning(
+                "lost the session with %s: %s",
+                self.settings.auth.peer_name,
+                self.status.last_close or "connection closed",
+                extra={
+                    "event": "session_lost",
+                    "peer": self.settings.auth.peer_name,
+                    "epoch": self.status.epoch,
+                    "reason": self.status.last_close,
+                },
+            )
         self._current = None
         self._up.clear()
         self.status.connected = self.status.established = False
@@ -517,11 +899,37 @@ class PeerLink:
 
     # --- core events ---
 
+    def _on_admitted(self, s: _Session, ev: Admitted) -> None:
+        """AD4 on the responder: a valid HELLO; leave the pool if proven with a secret."""
+        s.admitted = True
+        self.metrics.admission(ev.kind.name.lower(), ev.authenticated)
+        if ev.authenticated:
+            s.authenticated = True
+            self._trust_source(s.source)
+        else:  # pki bootstrap: public proof only; it stays evictable until the handshake ends
+            self._pool_add(s)
+
+    def _confirmed(self, s: _Session) -> None:
+        """Initiator: the responder's first record of the new session arrived: count it now."""
+        reason, s.count_ok = s.count_ok, None
+        if reason is None:
+            return
+        s.confirmed = True
+        if s.up_message is not None:
+            level, args, fields = s.up_message
+            log.log(level, SESSION_UP, *args, extra=fields)
+            s.up_message = None
+        if reason == "resumed":
+            self.status.resumptions += 1
+        else:
+            self.status.handshakes += 1
+        self.metrics.handshake("ok", reason)
+
     def _on_established(self, s: _Session, ev: HandshakeComplete) -> None:
         old = self._current
         if self.role is CoreRole.RESPONDER:
-            if s in self._unauthenticated:
-                self._unauthenticated.remove(s)
+            self._pool_remove(s)
+            self._trust_source(s.source)
             if old is not None and old is not s:
                 if old.conn.state is not State.CLOSED:
                     old.conn.close(
@@ -540,26 +948,46 @@ class PeerLink:
             ev.suite,
             ev.qkd_used,
         )
-        if ev.resumed:
-            st.resumptions += 1
-        else:
-            st.handshakes += 1
         reason = (
             "resumed" if ev.resumed else ("rebootstrap" if self._rebootstrap_next else "bootstrap")
         )
         self._rebootstrap_next = False
-        self.metrics.handshake("ok", reason)
+        if self.role is CoreRole.INITIATOR:
+            # Honest counts (§3.5): the initiator counts the session once the responder's first
+            # record (EPOCH_CONFIRM) shows that the responder completed it too.
+            s.count_ok = reason
+            if s.conn.stats["records_received"]:
+                self._confirmed(s)
+        else:
+            if ev.resumed:
+                st.resumptions += 1
+            else:
+                st.handshakes += 1
+            self.metrics.handshake("ok", reason)
         self.metrics.set_peer_connected(True)
         self.metrics.set_session("established", ev.epoch, time.monotonic())
         self._set_mode(ev.qkd_used)
-        log.info(
-            "session %s with %s: epoch %d, %s%s",
+        down = None if self._down_since is None else time.monotonic() - self._down_since
+        self._down_since = None
+        args: tuple[object, ...] = (
             reason,
             ev.peer.name,
             ev.epoch,
             ev.suite,
             "+QKD" if ev.qkd_used else " (no QKD)",
+            "" if down is None else f" (restored after {down:.1f} s down)",
         )
+        fields: dict[str, object] = {
+            "event": "session_up",
+            "peer": ev.peer.name,
+            "epoch": ev.epoch,
+            "reason": reason,
+        }
+        level = logging.INFO if down is None else logging.WARNING
+        if self.role is CoreRole.INITIATOR and s.count_ok is not None:
+            s.up_message = (level, args, fields)  # logged when R confirms (honest state)
+        else:
+            log.log(level, SESSION_UP, *args, extra=fields)
         self._up.set()
 
     def _on_rekey(self, s: _Session, ev: RekeyComplete) -> None:
@@ -593,28 +1021,71 @@ class PeerLink:
             self._rebootstrap_next = True
         if ev.kind == "rekey_failed":
             self.metrics.rekey("failed")
-        log.warning("alarm %s: %s", ev.kind, ev.detail)
+        fields = {"event": "alarm" if ev.active else "alarm_cleared", "reason": ev.kind}
+        if ev.active:
+            log.warning("alarm %s: %s", ev.kind, ev.detail, extra=fields)
+        else:
+            log.info("alarm %s cleared: %s", ev.kind, ev.detail, extra=fields)
 
     def _on_closed(self, s: _Session, ev: Closed) -> None:
         st = self.status
-        st.last_close = (
-            f"{'peer' if ev.by_peer else 'local'}: {ev.alert.name.lower()} ({ev.reason})"
+        text = f"{'peer' if ev.by_peer else 'local'}: {ev.alert.name.lower()} ({ev.reason})"
+        if s.conn.stats["global_budget_refusals"]:
+            self.metrics.admission_budget_refusal(s.conn.stats["global_budget_refusals"])
+        unauthenticated = (
+            self.role is CoreRole.RESPONDER and not s.authenticated and not s.established.is_set()
         )
-        if not s.established.is_set():
+        if self.role is CoreRole.INITIATOR and not s.established.is_set():
+            s.refused_before_admit = ev.by_peer and ev.alert is L.Alert.RATE_LIMITED
+            self.last_load_refusal = s.refused_before_admit
+        if unauthenticated and not s.admitted:
+            # never a handshake: count and summarise, one log line per SUMMARY_SECONDS
+            self.metrics.admission_refusal(ev.alert.name.lower())
+        elif not s.established.is_set():
             self.metrics.handshake("failed", ev.alert.name.lower())
         if ev.alert is L.Alert.RECORD_FAILURE and not ev.by_peer:
             self.metrics.record_auth_failure()
         if ev.alert is L.Alert.NO_SESSION and ev.by_peer:
-            # The responder lost its state (restart): bootstrap again, visibly.
-            self.assoc.forget()
+            # The responder lost its state (restart): bootstrap again, visibly. The core has
+            # forgotten the chain and requires QKD key on that bootstrap unless qkd = off (§5).
             self._rebootstrap_next = True
             self.status.alarms["rebootstrap"] = "peer lost its session state; bootstrapping again"
             log.warning("peer has no session for our chain: bootstrapping again (alarm)")
-        if ev.alert is L.Alert.QKD_UNAVAILABLE and not ev.by_peer:
+        if ev.alert is L.Alert.QKD_UNAVAILABLE and not ev.by_peer and not unauthenticated:
             self.metrics.set_alarm("qkd_unavailable", True)
             self.status.alarms["qkd_unavailable"] = ev.reason
+        if unauthenticated:  # anyone can cause these: no status change, no WARNING each
+            self.closed_summary.add(f"{'peer' if ev.by_peer else 'local'}_{ev.alert.name.lower()}")
+            log.debug("unauthenticated connection closed: %s", text)
+            return
+        st.last_close = text
         level = logging.INFO if ev.alert is L.Alert.CLOSE_NOTIFY else logging.WARNING
-        log.log(level, "connection closed: %s", st.last_close)
+        fields = {
+            "event": "connection_closed",
+            "peer": self.settings.auth.peer_name,
+            "alert": ev.alert.name.lower(),
+            "reason": ev.reason,
+        }
+        sent = ev.peer_code if ev.by_peer else None
+        peer_alert = (
+            L.Alert(sent) if sent is not None and sent in L.Alert._value2member_map_ else None
+        )
+        hint = PEER_REJECTION_HINTS.get(peer_alert) if peer_alert is not None else None
+        if hint is not None and (not s.established.is_set() or ev.refused_unconfirmed):
+            assert peer_alert is not None
+            name = peer_alert.name.lower()
+            self.metrics.peer_rejection(name)
+            fields.update(event="peer_rejected", alert=name)
+            log.warning(
+                "peer rejected us: %s (alert %d): %s%s",
+                name,
+                peer_alert,
+                hint,
+                "; our side of that bootstrap is discarded" if ev.refused_unconfirmed else "",
+                extra=fields,
+            )
+            return
+        log.log(level, "connection closed: %s", st.last_close, extra=fields)
 
     async def _deliver(self, data: bytes, via: _Session) -> None:
         try:

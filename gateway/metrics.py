@@ -27,6 +27,19 @@ Metric names (all ``qgw_``-prefixed, units in the name)::
     qgw_record_auth_failures_total                    counter
     qgw_records_total{direction}                      counter, direction = sent | received
     qgw_bytes_total{direction}                        counter, record plaintext bytes
+    qgw_tunnel_streams_total{tunnel,event}            counter, event = opened | closed
+    qgw_tunnel_streams_active{tunnel}                 gauge
+    qgw_tunnel_bytes_total{tunnel,direction}          counter, stream bytes, sent | received
+    qgw_tunnel_window_stalls_total{tunnel}            counter, send credit used up (peer slower)
+    qgw_tunnel_refusals_total{tunnel,reason}          counter, streams not opened
+    qgw_tunnel_resets_total{tunnel,reason}            counter, streams aborted
+    qgw_tunnel_buffered_bytes{tunnel}                 gauge, held for local sockets (write buffers)
+    qgw_tunnel_send_queue_bytes                       gauge, tunnel payloads waiting for the link
+    qgw_tunnel_errors_total{kind}                     counter, decode | protocol | stale | send
+
+The ``qgw_tunnel_*`` series are read at scrape from the tunnel service (no copying); their
+``tunnel`` label is a configured tunnel name or ``-unknown-`` (names a peer asked for that are
+not configured: peer-chosen strings never become label values).
 
 Label cardinality is bounded: labels with a fixed vocabulary (state, direction, result, role,
 operation, mode) map anything else to ``"other"``; free-form labels (handshake reason, KME
@@ -40,7 +53,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from prometheus_client import (
     CollectorRegistry,
@@ -50,6 +64,8 @@ from prometheus_client import (
     disable_created_metrics,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from gateway import __version__
 from gateway.errors import (
@@ -74,6 +90,8 @@ __all__ = [
     "RECORD_DIRECTIONS",
     "SESSION_STATES",
     "Metrics",
+    "TunnelReport",
+    "TunnelSample",
     "kme_error_kind",
 ]
 
@@ -97,6 +115,9 @@ MESSAGE_RESULTS = ("forwarded", "delivered", "dropped")
 RECORD_DIRECTIONS = ("sent", "received")
 HANDSHAKE_RESULTS = ("ok", "failed")
 REKEY_RESULTS = ("ok", "failed")
+ADMISSION_KINDS = ("resume", "bootstrap")
+ADMISSION_RESULTS = ("authenticated", "unauthenticated")  # proof under a secret, or public only
+EVICTION_REASONS = ("pool_full", "pool_busy", "address_cap", "hello_deadline", "shutdown")
 #: Alarms the runtime is expected to raise (others are accepted, bounded).
 ALARMS = ("qkd_unavailable", "qkd_mode_downgrade", "kme_unreachable")
 BRIDGE_EVENTS = (
@@ -110,6 +131,104 @@ BRIDGE_EVENTS = (
 )
 
 # KME latency buckets (seconds): a local KME answers in milliseconds; timeouts are seconds.
+TUNNEL_REFUSALS = (
+    "unknown_tunnel",
+    "connect_failed",
+    "too_many_streams",
+    "going_away",
+    "link_down",
+)
+TUNNEL_RESETS = ("aborted", "protocol_error", "going_away", "internal_error", "link_down")
+TUNNEL_ERRORS = ("decode", "protocol", "stale", "send")
+
+
+@dataclass(frozen=True)
+class TunnelSample:
+    """What the tunnel service reports for one tunnel name at scrape time."""
+
+    streams_opened: int = 0
+    streams_closed: int = 0
+    streams_active: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    window_stalls: int = 0
+    refusals: Mapping[str, int] = field(default_factory=dict)
+    resets: Mapping[str, int] = field(default_factory=dict)
+    buffered_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class TunnelReport:
+    tunnels: Mapping[str, TunnelSample]
+    send_queue_bytes: int = 0
+    errors: Mapping[str, int] = field(default_factory=dict)
+
+
+class _TunnelCollector(Collector):
+    """The qgw_tunnel_* families, built from a fresh :class:`TunnelReport` at every scrape."""
+
+    def __init__(self, source: Callable[[], TunnelReport]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        rep = self._source()
+        streams = CounterMetricFamily(
+            "qgw_tunnel_streams", "Tunnel streams opened and closed.", labels=["tunnel", "event"]
+        )
+        active = GaugeMetricFamily(
+            "qgw_tunnel_streams_active", "Tunnel streams open now.", labels=["tunnel"]
+        )
+        nbytes = CounterMetricFamily(
+            "qgw_tunnel_bytes",
+            "Tunnel stream bytes sent to and received from the peer.",
+            labels=["tunnel", "direction"],
+        )
+        stalls = CounterMetricFamily(
+            "qgw_tunnel_window_stalls",
+            "Times a stream used up the send window the peer granted (the far side is slower).",
+            labels=["tunnel"],
+        )
+        refusals = CounterMetricFamily(
+            "qgw_tunnel_refusals",
+            "Tunnel streams not opened, by reason.",
+            labels=["tunnel", "reason"],
+        )
+        resets = CounterMetricFamily(
+            "qgw_tunnel_resets", "Tunnel streams aborted, by reason.", labels=["tunnel", "reason"]
+        )
+        buffered = GaugeMetricFamily(
+            "qgw_tunnel_buffered_bytes",
+            "Bytes the gateway holds for local tunnel sockets (their write buffers).",
+            labels=["tunnel"],
+        )
+        for name, t in rep.tunnels.items():
+            label = str(name)[:MAX_LABEL_LENGTH]
+            streams.add_metric([label, "opened"], t.streams_opened)
+            streams.add_metric([label, "closed"], t.streams_closed)
+            active.add_metric([label], t.streams_active)
+            nbytes.add_metric([label, "sent"], t.bytes_sent)
+            nbytes.add_metric([label, "received"], t.bytes_received)
+            stalls.add_metric([label], t.window_stalls)
+            for reason in sorted({*TUNNEL_REFUSALS, *t.refusals}):
+                refusals.add_metric([label, reason], t.refusals.get(reason, 0))
+            for reason in sorted({*TUNNEL_RESETS, *t.resets}):
+                resets.add_metric([label, reason], t.resets.get(reason, 0))
+            buffered.add_metric([label], t.buffered_bytes)
+        queue = GaugeMetricFamily(
+            "qgw_tunnel_send_queue_bytes", "Tunnel payloads waiting for the peer link (bytes)."
+        )
+        queue.add_metric([], rep.send_queue_bytes)
+        errors = CounterMetricFamily(
+            "qgw_tunnel_errors",
+            "Tunnel messages from the peer that were undecodable, broke the stream rules, or "
+            "named a stream that is gone; and tunnel payloads the link did not take.",
+            labels=["kind"],
+        )
+        for kind in sorted({*TUNNEL_ERRORS, *rep.errors}):
+            errors.add_metric([kind], rep.errors.get(kind, 0))
+        yield from (streams, active, nbytes, stalls, refusals, resets, buffered, queue, errors)
+
+
 _KME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -168,12 +287,23 @@ class Metrics:
         version: str = __version__,
         clock: Callable[[], float] = time.monotonic,
         rules: Iterable[str] = (),
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         # The *_created series double the output and no dashboard uses them. The switch is
         # process-wide in prometheus_client (read at scrape); the gateway owns its process.
         disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus_client
         self.registry = CollectorRegistry(auto_describe=True)
         self._clock = clock
+        self._wall = wall_clock
+        #: (unix time, result, reason) of the last bootstrap/resumption handshake, for status.
+        self.last_handshake: tuple[float, str, str] | None = None
+        self.broker_connected = False
+        self.kme_stored_keys: int | None = None
+        self.kme_reachable: bool | None = None
+        self._rule_totals: dict[tuple[str, str, str], int] = {}
+        self.inflight = 0
+        self.inflight_limit: int | None = None
+        self._active_alarms: set[str] = set()
         self._epoch_started: float | None = None
         self._epoch = 0
         self._state = "down"
@@ -212,6 +342,46 @@ class Metrics:
             "1 while the transport connection to the peer gateway is up, else 0.",
             registry=r,
         )
+        self._peer_info = Gauge(
+            "qgw_peer_info",
+            "The configured peer gateway (always 1): its identity and address.",
+            ["peer", "address"],
+            registry=r,
+        )
+        self._last_handshake = Gauge(
+            "qgw_last_handshake_timestamp_seconds",
+            "Unix time of the last bootstrap or resumption handshake, by result (ok|failed).",
+            ["result"],
+            registry=r,
+        )
+        self._rejection_v = _Vocabulary()
+        self._peer_rejections = Counter(
+            "qgw_peer_rejections",
+            "Handshakes the peer refused, by alert (bad_certificate, wrong_identity, "
+            "authentication_failed, admission_failed, *_mismatch, unsupported_version).",
+            ["alert"],
+            registry=r,
+        )
+        self._reloads = Counter(
+            "qgw_config_reloads",
+            "SIGHUP reloads by result (ok|failed; a failed reload keeps the running config).",
+            ["result"],
+            registry=r,
+        )
+        for res in ("ok", "failed"):
+            self._reloads.labels(result=res)
+        self._broker_connected = Gauge(
+            "qgw_broker_connected",
+            "1 while the gateway's MQTT connection to the local broker is up, else 0.",
+            registry=r,
+        )
+        self._cert_expiry = Gauge(
+            "qgw_certificate_expiry_timestamp_seconds",
+            "Unix time at which a certificate this gateway uses expires "
+            "(certificate: bootstrap = auth.cert, kme_client = qkd.cert).",
+            ["certificate"],
+            registry=r,
+        )
 
         # -- handshakes and rekeys -------------------------------------------------------
         self._hs_result_v = _Vocabulary(HANDSHAKE_RESULTS)
@@ -227,6 +397,45 @@ class Metrics:
             "qgw_rekeys",
             "QKD-authenticated rekeys by result (ok|failed).",
             ["result"],
+            registry=r,
+        )
+
+        # -- admission (docs/protocol.md §3.5, §7) ------------------------------------------
+        self._adm_kind_v = _Vocabulary(ADMISSION_KINDS)
+        self._adm_result_v = _Vocabulary(ADMISSION_RESULTS)
+        self._admissions = Counter(
+            "qgw_admissions",
+            "Connections admitted after a valid HELLO, by kind (resume|bootstrap) and result "
+            "(authenticated: proof under the chain key or PSK; unauthenticated: pki bootstrap).",
+            ["kind", "result"],
+            registry=r,
+        )
+        self._evict_v = _Vocabulary(EVICTION_REASONS)
+        self._evictions = Counter(
+            "qgw_admission_evictions",
+            "Connections the responder closed before a valid HELLO, by reason: pool_full (an "
+            "older pending one evicted), pool_busy / address_cap (a new one refused at accept), "
+            "hello_deadline.",
+            ["reason"],
+            registry=r,
+        )
+        self._refusal_v = _Vocabulary()
+        self._refusals = Counter(
+            "qgw_admission_refusals",
+            "Connections refused before they were authenticated, by alert name "
+            "(e.g. admission_failed, no_session, decode_error, rate_limited).",
+            ["reason"],
+            registry=r,
+        )
+        self._budget_refusals = Counter(
+            "qgw_admission_budget_refusals",
+            "Unauthenticated bootstrap INITs refused by the global budget on KME calls and "
+            "signatures (pki mode).",
+            registry=r,
+        )
+        self._pending = Gauge(
+            "qgw_admission_pending_connections",
+            "Connections waiting for a valid HELLO (the bounded pending pool).",
             registry=r,
         )
 
@@ -252,6 +461,13 @@ class Metrics:
             buckets=_KME_BUCKETS,
             registry=r,
         )
+        self._kme_stored = Gauge(
+            "qgw_kme_stored_keys",
+            "Keys the local KME holds for this SAE pair (ETSI 014 status stored_key_count; "
+            "NaN until the first successful status call or while the KME is unreachable).",
+            registry=r,
+        )
+        self._kme_stored.set(math.nan)
         self._kme_kind_v = _Vocabulary()
         self._kme_errors = Counter(
             "qgw_kme_errors",
@@ -342,6 +558,11 @@ class Metrics:
             self._qkd_bits.labels(role=role)
         for res in REKEY_RESULTS:
             self._rekeys.labels(result=res)
+        for k in ADMISSION_KINDS:
+            for res in ADMISSION_RESULTS:
+                self._admissions.labels(kind=k, result=res)
+        for reason in EVICTION_REASONS:
+            self._evictions.labels(reason=reason)
         for d in RECORD_DIRECTIONS:
             self._records.labels(direction=d)
             self._bytes.labels(direction=d)
@@ -403,9 +624,56 @@ class Metrics:
 
     def handshake(self, result: str, reason: str = "ok") -> None:
         """Count a bootstrap handshake: ``result`` ok|failed, ``reason`` e.g. an error class name."""
-        self._handshakes.labels(
-            result=self._hs_result_v(result), reason=self._hs_reason_v(reason)
+        res = self._hs_result_v(result)
+        self._handshakes.labels(result=res, reason=self._hs_reason_v(reason)).inc()
+        now = self._wall()
+        self._last_handshake.labels(result=res).set(now)
+        self.last_handshake = (now, res, reason)
+
+    def set_peer(self, name: str, address: str) -> None:
+        """Declare the configured peer (``qgw_peer_info``)."""
+        self._peer_info.labels(peer=name, address=address).set(1)
+
+    def peer_rejection(self, alert: str) -> None:
+        """Count a handshake the peer refused with ``alert`` (e.g. bad_certificate)."""
+        self._peer_rejections.labels(alert=self._rejection_v(alert)).inc()
+
+    def config_reload(self, result: str) -> None:
+        """Count a SIGHUP reload: ``result`` ok|failed."""
+        self._reloads.labels(result="ok" if result == "ok" else "failed").inc()
+
+    def set_broker_connected(self, connected: bool) -> None:
+        self.broker_connected = connected
+        self._broker_connected.set(1 if connected else 0)
+
+    def set_certificate_expiry(self, certificate: str, unix_time: float) -> None:
+        """``certificate`` bootstrap|kme_client; ``unix_time`` its not-after."""
+        self._cert_expiry.labels(certificate=certificate).set(unix_time)
+
+    def set_kme_status(self, stored_keys: int | None) -> None:
+        """The last ETSI 014 status answer (``None``: the KME did not answer)."""
+        self.kme_reachable = stored_keys is not None
+        self.kme_stored_keys = stored_keys
+        self._kme_stored.set(math.nan if stored_keys is None else stored_keys)
+
+    def admission(self, kind: str, authenticated: bool) -> None:
+        """Count one admitted connection (AD4)."""
+        self._admissions.labels(
+            kind=self._adm_kind_v(kind),
+            result=self._adm_result_v("authenticated" if authenticated else "unauthenticated"),
         ).inc()
+
+    def admission_eviction(self, reason: str, count: int = 1) -> None:
+        self._evictions.labels(reason=self._evict_v(reason)).inc(count)
+
+    def admission_refusal(self, reason: str) -> None:
+        self._refusals.labels(reason=self._refusal_v(reason)).inc()
+
+    def admission_budget_refusal(self, count: int = 1) -> None:
+        self._budget_refusals.inc(count)
+
+    def set_pending_connections(self, n: int) -> None:
+        self._pending.set(n)
 
     def rekey(self, result: str) -> None:
         """Count a rekey: ``result`` ok|failed."""
@@ -437,9 +705,23 @@ class Metrics:
         self._qkd_mode.labels(mode=label).set(1)
         self._mode = label
 
+    @property
+    def qkd_mode(self) -> str | None:
+        """The mode last given to :meth:`set_qkd_mode`."""
+        return self._mode
+
     def set_alarm(self, name: str, active: bool) -> None:
         """Raise (``active=True``) or clear an alarm, e.g. ``qkd_unavailable``."""
-        self._alarm.labels(reason=self._alarm_v(name)).set(1 if active else 0)
+        label = self._alarm_v(name)
+        self._alarm.labels(reason=label).set(1 if active else 0)
+        if active:
+            self._active_alarms.add(label)
+        else:
+            self._active_alarms.discard(label)
+
+    @property
+    def active_alarms(self) -> list[str]:
+        return sorted(self._active_alarms)
 
     # -- MQTT ----------------------------------------------------------------------------
 
@@ -463,13 +745,26 @@ class Metrics:
         if count <= 0:
             return
         self._messages.labels(rule=r, direction=d, result=res).inc(count)
+        self._rule_totals[(r, d, res)] = self._rule_totals.get((r, d, res), 0) + count
         if res == "dropped":
             self._dropped.labels(
                 rule=r, direction=d, reason=self._drop_reason_v(reason or "unspecified")
             ).inc(count)
 
+    def rule_counts(self, rule: str) -> dict[str, int]:
+        """Totals for one rule label: ``{"out_forwarded": n, "in_delivered": n, ...}``."""
+        label = self._rule_v(rule)
+        return {
+            f"{d}_{res}": self._rule_totals.get((label, d, res), 0)
+            for d in DIRECTIONS
+            for res in MESSAGE_RESULTS
+        }
+
     def set_inflight(self, n: int, limit: int | None = None) -> None:
         """Set the number of messages in flight to the peer (and the window, if given)."""
+        self.inflight = max(0, n)
+        if limit is not None:
+            self.inflight_limit = limit
         self._inflight.set(max(0, n))
         if limit is not None:
             self._inflight_limit.set(limit)
@@ -491,6 +786,12 @@ class Metrics:
             self._records.labels(direction=label).inc(count)
         if nbytes > 0:
             self._bytes.labels(direction=label).inc(nbytes)
+
+    # -- tunnels -------------------------------------------------------------------------
+
+    def attach_tunnels(self, source: Callable[[], TunnelReport]) -> None:
+        """Serve the qgw_tunnel_* families from ``source``, called at every scrape."""
+        self.registry.register(_TunnelCollector(source))
 
     # -- readiness -----------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 Wires the pieces: credentials -> core authenticator, key source (ETSI 014 client or static),
 peer link (asyncio shell around the core), the secure transport (PUB/ACK over the link), the
-MQTT bridge, metrics and health HTTP. Stops cleanly on SIGTERM/SIGINT: the bridge stops taking
+MQTT bridge, the tunnel streams (``[[tunnel]]``; payload kinds 0x10-0x1F are routed to them,
+the rest to the bridge transport), metrics and health HTTP. Stops cleanly on SIGTERM/SIGINT: the bridge stops taking
 messages and lets in-flight forwards finish, then the session is closed with an authenticated
 CLOSE; whatever was not acknowledged stays at the broker for the next start.
 """
@@ -14,25 +15,33 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
+from gateway import sdnotify
 from gateway.bridge.bridge import Bridge
-from gateway.config import QkdMode, Settings, load_settings, require_files
-from gateway.credentials import load_authenticator
+from gateway.config import QkdMode, Role, Settings, load_settings, require_files, rule_label
+from gateway.credentials import kme_certificate_not_after, kme_tls_context, load_credentials
 from gateway.crypto import get_provider
-from gateway.errors import BrokerUnavailable
+from gateway.errors import BrokerUnavailable, ConfigError, KeySourceError
 from gateway.health import HttpServer, start_http
 from gateway.link import PeerLink
 from gateway.logs import register_secret, setup_logging
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, kme_error_kind
 from gateway.peer_transport import SecureTransport
+from gateway.status import LinkView
+from gateway.status import collect as collect_status
+from gateway.tunnel.messages import is_tunnel_payload
+from gateway.tunnel.sockets import TunnelService
 from keysource import from_settings
 from keysource.base import KeySource
 
 log = logging.getLogger("qgw.run")
 
 METRICS_SYNC_SECONDS = 1.0
+KME_STATUS_SECONDS = 30.0
 BROKER_RETRY_MAX_SECONDS = 10.0
 
 
@@ -45,26 +54,48 @@ class Gateway:
         if settings.mqtt.password is not None:
             register_secret(settings.mqtt.password.get_secret_value())
         self.provider = get_provider(settings.crypto.provider)
-        self.auth = load_authenticator(settings, self.provider)
+        self.auth, own_cert = load_credentials(settings, self.provider)
+        kme_tls_context(settings)  # file and TLS problems become ConfigError (exit 2), named
         self.keysource: KeySource | None = (
             None if settings.qkd.mode is QkdMode.OFF else from_settings(settings.qkd)
         )
-        self.metrics = Metrics(
-            site_id=settings.gateway.site_id,
-            rules=[str(i) for i in range(len(settings.mqtt.rules))],
-        )
+        self.rule_labels = [rule_label(r) for r in settings.mqtt.rules]
+        self.metrics = Metrics(site_id=settings.gateway.site_id, rules=self.rule_labels)
         self.metrics.set_qkd_mode(settings.qkd.mode.value)
+        g = settings.gateway
+        self.metrics.set_peer(
+            settings.auth.peer_name, g.peer if g.role.value == "initiator" else ""
+        )
+        self.certificates: dict[str, float] = {}
+        if own_cert is not None:
+            self.certificates["bootstrap"] = own_cert.not_after.timestamp()
+        kme_not_after = kme_certificate_not_after(settings)
+        if kme_not_after is not None:
+            self.certificates["kme_client"] = kme_not_after.timestamp()
+        for name, t in self.certificates.items():
+            self.metrics.set_certificate_expiry(name, t)
         self.transport = SecureTransport(self._send)
         self.bridge = Bridge(settings.mqtt, settings.gateway.site_id, self.transport)
         self.transport.attach(self.bridge.deliver)
+        # Tunnel mode ([[tunnel]]): always present, so that an OPEN for a name this gateway
+        # does not serve is refused and counted even when it has no tunnels at all.
+        self.tunnels = TunnelService(
+            settings.tunnel,
+            initiator=settings.gateway.role is Role.INITIATOR,
+            send=self._send,
+            is_up=self._link_is_up,
+        )
+        self.metrics.attach_tunnels(self.tunnels.report)
+        # The MQTT bridge runs when rules are configured, or when there is nothing else to do.
+        self.bridge_enabled = bool(settings.mqtt.rules) or not settings.tunnel
         self.link = PeerLink(
             settings,
             auth=self.auth,
             provider=self.provider,
             keysource=self.keysource,
             metrics=self.metrics,
-            on_message=self.transport.on_payload,
-            on_down=self.transport.link_down,
+            on_message=self._route,
+            on_down=self._link_down,
         )
         self.http: HttpServer | None = None
         self._seen: Counter[tuple[str, ...]] = Counter()  # last total copied, per counter
@@ -72,23 +103,56 @@ class Gateway:
     async def _send(self, payload: bytes, via: object | None) -> None:
         await self.link.send(payload, via)
 
+    def _link_is_up(self) -> bool:
+        return self.link.is_up()
+
+    async def _route(self, payload: bytes, via: object) -> None:
+        """Route one application payload by its kind byte: 0x10-0x1F to the tunnel streams,
+        everything else (the bridge's 0x01-0x0F) to the bridge transport."""
+        if is_tunnel_payload(payload):
+            self.tunnels.on_payload(payload, via)
+        else:
+            await self.transport.on_payload(payload, via)
+
+    def _link_down(self) -> None:
+        self.transport.link_down()
+        self.tunnels.link_down()
+
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
         if s.metrics.listen:
-            self.http = await start_http(s.metrics.listen, self.metrics, self.readiness)
+            self.http = await start_http(
+                s.metrics.listen, self.metrics, self.readiness, self.status_document
+            )
             log.info("metrics and health on http://%s:%d/", self.http.host, self.http.port)
+        try:
+            await self.tunnels.start()
+        except OSError as exc:
+            await self.tunnels.stop()
+            if self.http is not None:
+                await self.http.stop()
+            raise ConfigError(
+                [("tunnel", f"cannot listen for a tunnel: {exc.strerror or exc}")]
+            ) from exc
         link_task = asyncio.ensure_future(self._supervise_link(stop))
         sync_task = asyncio.ensure_future(self._sync_metrics_forever())
-        bridge_task = asyncio.ensure_future(self._start_bridge(stop))
+        kme_task = asyncio.ensure_future(self._poll_kme_forever())
+        sdnotify.notify("READY=1")  # started (listening, connecting); /readyz tells "session up"
+        bridge_task = asyncio.ensure_future(
+            self._start_bridge(stop) if self.bridge_enabled else asyncio.sleep(0)
+        )
         try:
             await stop.wait()
         finally:
+            sdnotify.notify("STOPPING=1")
             log.info("stopping: finishing in-flight messages")
             bridge_task.cancel()
             with contextlib.suppress(Exception):
                 await self.bridge.stop()
+            with contextlib.suppress(Exception):
+                await self.tunnels.stop()  # streams reset (going away) before the CLOSE
             await self.link.stop()
-            for t in (link_task, sync_task):
+            for t in (link_task, sync_task, kme_task):
                 t.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
@@ -100,10 +164,46 @@ class Gateway:
                 await self.keysource.aclose()
             log.info("stopped")
 
+    def status_document(self) -> dict[str, Any]:
+        """What ``GET /status`` serves (``qgw status``): no key material."""
+        st = self.link.status
+        view = LinkView(**{f: getattr(st, f) for f in LinkView.__slots__})
+        return collect_status(
+            self.settings,
+            self.metrics,
+            view,
+            certificates=self.certificates,
+            tunnels=self.tunnels.status(),
+            bridge_enabled=self.bridge_enabled,
+        )
+
+    async def _poll_kme_forever(self) -> None:
+        """Ask the KME for its key supply (ETSI 014 status) now and then, for metrics/status."""
+        ks = self.keysource
+        if ks is None:
+            return
+        while True:
+            t0 = time.monotonic()
+            try:
+                st = await ks.status(self.settings.qkd.peer_sae_id)
+            except (KeySourceError, OSError, TimeoutError) as exc:  # counted by kind
+                self.metrics.kme_request("status", time.monotonic() - t0, kme_error_kind(exc))
+                if self.metrics.kme_reachable is not False:
+                    log.warning(
+                        "KME %s status failed: %s",
+                        self.settings.qkd.kme_url,
+                        exc.__class__.__name__,
+                    )
+                self.metrics.set_kme_status(None)
+            else:
+                self.metrics.kme_request("status", time.monotonic() - t0)
+                self.metrics.set_kme_status(st.stored_key_count)
+            await asyncio.sleep(KME_STATUS_SECONDS)
+
     def readiness(self) -> tuple[bool, str]:
         """Ready: a fresh session with the peer AND a connection to the local broker."""
         ok, why = self.link.readiness()
-        if ok and not self.bridge.connected:
+        if ok and self.bridge_enabled and not self.bridge.connected:
             return False, "not connected to the local broker"
         return ok, why
 
@@ -159,8 +259,9 @@ class Gateway:
     def _sync_metrics(self) -> None:
         """Copy the bridge's cumulative counters into Prometheus counters (as deltas)."""
         c = self.bridge.counters
+        self.metrics.set_broker_connected(self.bridge.connected)
         for i, rc in enumerate(c.rules):
-            rule = str(i)
+            rule = self.rule_labels[i]
             self._bump((rule, "out", "forwarded", ""), rc.messages_out)
             self._bump((rule, "in", "delivered", ""), rc.messages_in)
             for reason, n in rc.dropped.items():
@@ -181,6 +282,70 @@ class Gateway:
         for reason, n in c.dropped.items():
             self._bump(("-", "in", "dropped", reason), n)
 
+    # -- reload (SIGHUP) -------------------------------------------------------------------
+
+    def reload(self, path: Path) -> bool:
+        """Reload credentials and the log level from ``path``; keep everything on failure.
+
+        New certificates, keys and PSKs apply at the next bootstrap: the live session keeps its
+        keys and is QKD-authenticated from here on, so it never needs the bootstrap credential
+        again. Any other changed key needs a restart; it is named in the log and not applied.
+        """
+        try:
+            new = load_settings(path)
+            auth, own_cert = load_credentials(new, self.provider)
+            kme_not_after = kme_certificate_not_after(new)
+        except ConfigError as exc:
+            why = "; ".join(f"{k}: {m}" if k else m for k, m in exc.problems)
+            log.error(  # noqa: TRY400 -- the reasons are in the message; no traceback
+                "reload of %s failed, keeping the running configuration: %s", path, why
+            )
+            self.metrics.config_reload("failed")
+            return False
+        old = self.settings
+        pending = restart_only_changes(old, new)
+        self.link.auth = auth
+        self.auth = auth
+        self.certificates = {}
+        if own_cert is not None:
+            self.certificates["bootstrap"] = own_cert.not_after.timestamp()
+        if kme_not_after is not None:
+            self.certificates["kme_client"] = kme_not_after.timestamp()
+        for name, t in self.certificates.items():
+            self.metrics.set_certificate_expiry(name, t)
+        logging.getLogger().setLevel(new.logging.level.upper())
+        self.settings = old.model_copy(update={"auth": new.auth, "logging": new.logging})
+        self.metrics.config_reload("ok")
+        log.warning(
+            "reloaded %s: %s credentials apply at the next bootstrap (the live session, epoch "
+            "%d, continues on its QKD-authenticated keys); log level %s%s",
+            path,
+            new.auth.mode.value,
+            self.metrics.session_epoch,
+            new.logging.level,
+            f"; NOT applied until restart: {', '.join(pending)}" if pending else "",
+        )
+        return True
+
+
+def restart_only_changes(old: Settings, new: Settings) -> list[str]:
+    """Dotted keys that differ between ``old`` and ``new`` and that a reload does not apply."""
+    a, b = old.model_dump(mode="json"), new.model_dump(mode="json")
+    changed: list[str] = []
+    for section in a:
+        if a[section] == b[section]:
+            continue
+        for key in sorted(set(a[section]) | set(b[section])):
+            if a[section].get(key) != b[section].get(key):
+                dotted = f"{section}.{key}"
+                if dotted not in RELOADABLE:
+                    changed.append(dotted)
+    return changed
+
+
+#: What SIGHUP applies (file *contents* are re-read even when the paths are the same).
+RELOADABLE = frozenset({"auth.cert", "auth.key", "auth.ca", "auth.psk_file", "logging.level"})
+
 
 def cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
@@ -192,6 +357,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+
+        def on_hup() -> None:
+            sdnotify.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+            log.info("SIGHUP: reloading %s", args.config)
+            gw.reload(args.config)
+            sdnotify.notify("READY=1")
+
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
         log.info(
             "qgw %s starting as %s (%s), peer %s, QKD %s",
             settings.gateway.site_id,

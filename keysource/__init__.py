@@ -1,4 +1,4 @@
-"""Where QKD keys come from: ETSI GS QKD 014 client, KME simulator, static source.
+"""Where QKD keys come from: ETSI GS QKD 014 client, Cisco SKIP client, KME simulator, static.
 
 The gateway uses one interface, :class:`keysource.base.KeySource`, built from its settings by
 :func:`from_settings`. docs/keysource.md describes the sources and the simulator.
@@ -17,13 +17,17 @@ __all__ = ["KeySource", "KeySourceCounters", "KeyStatus", "QkdKey", "from_settin
 
 
 def from_settings(qkd: QkdSection) -> KeySource:
-    """The key source the settings ask for: ``etsi014`` -> client, ``static`` -> seed file."""
+    """The key source the settings ask for: ``etsi014`` / ``skip`` -> client, ``static`` -> file."""
     from gateway.config import QkdSourceKind  # noqa: PLC0415 -- lazy: importing keysource stays light
 
     if qkd.source is QkdSourceKind.ETSI014:
         from keysource.etsi014 import Etsi014Client  # noqa: PLC0415 -- aiohttp only when used
 
         return Etsi014Client.from_settings(qkd)
+    if qkd.source is QkdSourceKind.SKIP:
+        from keysource.skip import SkipClient  # noqa: PLC0415 -- aiohttp only when used
+
+        return SkipClient.from_settings(qkd)
     from keysource.static import StaticKeySource  # noqa: PLC0415
 
     if qkd.static_file is None:

@@ -1,8 +1,9 @@
 """Finite-key length of decoy-state BB84 (three intensities, efficient or symmetric bases).
 
 [Lim14] C. C. W. Lim, M. Curty, N. Walenta, F. Xu, H. Zbinden, "Concise security bounds for
-practical decoy-state quantum key distribution", Phys. Rev. A 89, 022307 (2014), eqs. (1)-(5)
-(their key basis X is our Z: the key comes from Z, the phase error from X):
+practical decoy-state quantum key distribution", Phys. Rev. A 89, 022307 (2014), eqs. (1)-(5),
+checked term by term against the published text (their key basis X is our Z: the key comes
+from Z, the phase error from X; the plain "log 2" in gamma read as ln 2, beside its log2):
 
     n±_k  = (e^k / p_k) (n_k ± sqrt(n / 2 ln(21/eps_sec)))          (Hoeffding, per basis)
     tau_j = sum_k p_k e^-k k^j / j!

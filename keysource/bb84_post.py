@@ -32,6 +32,7 @@ Bits = np.ndarray[Any, np.dtype[np.uint8]]
 
 CASCADE_PASSES = 6  # 4 in the original; two cheap extra passes make residual errors rarer
 CASCADE_K1 = 0.73  # first block size 0.73 / Q (Brassard-Salvail)
+TOEPLITZ_ROWS_DIRECT = 128  # up to this many output bits: row by row, else FFT
 CASCADE_MAX_ROUNDS = 64  # re-check rounds per pass; more only if a step is wrong (then stop)
 
 
@@ -50,7 +51,11 @@ def toeplitz_hash(x: Bits, seed: Bits, m: int) -> Bits:
         return np.zeros(0, dtype=np.uint8)
     if len(seed) != n + m - 1:
         raise ValueError("Toeplitz seed must have n + m - 1 bits")
-    size = 1 << (n + len(seed) - 1).bit_length()
+    if m <= TOEPLITZ_ROWS_DIRECT:
+        return _toeplitz_rows(x, seed, m)
+    # a circular convolution of size >= n + m - 1 leaves entries n-1 .. n+m-2 unaliased (the
+    # wrapped terms y[k + size] lie beyond the linear convolution's last index 2n + m - 3)
+    size = 1 << (n + m - 2).bit_length()
     conv = np.fft.irfft(
         np.fft.rfft(seed.astype(np.float64), size) * np.fft.rfft(x.astype(np.float64), size), size
     )[n - 1 : n - 1 + m]
@@ -58,6 +63,18 @@ def toeplitz_hash(x: Bits, seed: Bits, m: int) -> Bits:
     if len(conv) and float(np.max(np.abs(conv - rounded))) > 0.25:
         raise ArithmeticError("FFT rounding error too large for an exact GF(2) product")
     out: Bits = (rounded.astype(np.int64) & 1).astype(np.uint8)
+    return out
+
+
+def _toeplitz_rows(x: Bits, seed: Bits, m: int) -> Bits:
+    """Few output bits (verification tags): y_i = parity(seed[i : i+n] AND reversed x), row by
+    row on packed bytes; cheaper than an FFT of length 2n for m <= TOEPLITZ_ROWS_DIRECT."""
+    n = len(x)
+    xr = np.packbits(x[::-1])
+    out = np.zeros(m, dtype=np.uint8)
+    for i in range(m):
+        folded = int(np.bitwise_xor.reduce(np.packbits(seed[i : i + n]) & xr))
+        out[i] = folded.bit_count() & 1
     return out
 
 

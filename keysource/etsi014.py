@@ -98,6 +98,11 @@ def classify(op: str, status: int, body: bytes) -> _Attempt | None:
 class Etsi014Client:
     """KeySource over ETSI GS QKD 014 (see module docstring)."""
 
+    #: status code -> typed error and retry decision; the SKIP client (keysource.skip) swaps it.
+    _classify = staticmethod(classify)
+    #: largest answer body read; a longer one is KmeBadAnswer, and reading stops there
+    _max_answer_bytes = wire.MAX_ANSWER_BYTES
+
     def __init__(
         self,
         kme_url: str,
@@ -168,12 +173,13 @@ class Etsi014Client:
                 method, url, json=body, timeout=aiohttp.ClientTimeout(total=timeout)
             ) as resp:
                 declared = resp.content_length
-                if declared is not None and declared > wire.MAX_ANSWER_BYTES:
+                limit = self._max_answer_bytes
+                if declared is not None and declared > limit:
                     return _Attempt(KmeBadAnswer("answer too large"), False)
                 data = bytearray()
                 async for chunk in resp.content.iter_chunked(65536):
                     data += chunk
-                    if len(data) > wire.MAX_ANSWER_BYTES:
+                    if len(data) > limit:
                         return _Attempt(KmeBadAnswer("answer too large"), False)
                 return resp.status, bytes(data)
         except aiohttp.ClientConnectorCertificateError as exc:
@@ -203,7 +209,7 @@ class Etsi014Client:
             if isinstance(out, tuple):
                 status, data = out
                 log.debug("%s %s -> %d", method, url.removeprefix(self.base_url), status)
-                failed = classify(op, status, data)
+                failed = self._classify(op, status, data)
                 if failed is None:
                     return data
             else:

@@ -2,9 +2,10 @@
 
 Layout (docs/keysource.md shows a complete file)::
 
-    [link]        the QKD link model (keysource.link.LinkParams)
+    [link]        the QKD link model (keysource.link.LinkParams): model = "rate" | "bb84"
+    [link.bb84]   the decoy-state BB84 link when model = "bb84" (keysource.bb84_link)
     [sync]        CA of the KME-to-KME channel (two-process mode)
-    [kme_a]       KME A: its ETSI 014 API, admin endpoint, sync endpoint, attached SAEs
+    [kme_a]       KME A: its ETSI 014 API, optional SKIP API, admin, sync endpoint, attached SAEs
     [kme_b]       KME B: the same
 
 Relative paths are relative to the folder of the file. In two-process mode (``--kme A`` and
@@ -18,7 +19,7 @@ import ipaddress
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -48,8 +49,84 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_BB84_PHYSICS = (
+    "distance_km",
+    "pulse_rate_hz",
+    "loss_db_per_km",
+    "eta_bob",
+    "y0",
+    "e_det",
+    "f_ec",
+    "mu",
+    "nu",
+    "omega",
+    "p_mu",
+    "p_nu",
+    "p_omega",
+    "p_z",
+    "eve_ir_fraction",
+    "eve_pns_fraction",
+)
+
+
+class Bb84Section(_Section):
+    """``[link.bb84]``: a decoy-state BB84 link; unset physics keys take the preset's value."""
+
+    preset: Literal["gys", "metro", "long"] = Field("gys", description="Parameter preset.")
+    distance_km: float | None = Field(None, ge=0, le=1000, description="Fibre length (km).")
+    pulse_rate_hz: float | None = Field(None, gt=0, le=1e10, description="Source clock (Hz).")
+    loss_db_per_km: float | None = Field(None, ge=0, le=10, description="Fibre loss (dB/km).")
+    eta_bob: float | None = Field(None, gt=0, le=1, description="Receiver efficiency.")
+    y0: float | None = Field(None, ge=0, lt=0.5, description="Dark-count probability/pulse.")
+    e_det: float | None = Field(None, ge=0, lt=0.5, description="Misalignment error.")
+    f_ec: float | None = Field(
+        None, ge=1, le=3, description="EC inefficiency of the analytic rate."
+    )
+    mu: float | None = Field(None, gt=0, le=2, description="Signal intensity.")
+    nu: float | None = Field(None, gt=0, le=2, description="Weak decoy intensity.")
+    omega: float | None = Field(None, ge=0, le=2, description="Weakest decoy (0: vacuum).")
+    p_mu: float | None = Field(None, gt=0, lt=1, description="Probability of mu.")
+    p_nu: float | None = Field(None, gt=0, lt=1, description="Probability of nu.")
+    p_omega: float | None = Field(None, gt=0, lt=1, description="Probability of omega.")
+    p_z: float | None = Field(None, gt=0, lt=1, description="Z (key) basis probability.")
+    eve_ir_fraction: float = Field(0.0, ge=0, le=1, description="Intercept-resend fraction.")
+    eve_pns_fraction: float = Field(0.0, ge=0, le=1, description="Photon-number splitting.")
+    block_sifted_bits: int = Field(
+        131072, ge=4096, le=1 << 22, description="Sifted Z bits per post-processing block."
+    )
+    eps_sec: float = Field(1e-9, gt=0, lt=1, description="Secrecy parameter [Lim14].")
+    eps_cor: float = Field(1e-15, gt=0, lt=1, description="Correctness parameter [Lim14].")
+    max_blocks_per_advance: int = Field(
+        8, ge=1, le=1024, description="Most blocks run at once; older link time is skipped."
+    )
+    seed: int | None = Field(
+        None, ge=0, description="Seed of the simulation (reproducible runs; tests only)."
+    )
+
+    def settings(self) -> Any:
+        from keysource.bb84_link import Bb84Settings  # noqa: PLC0415 -- numpy only when used
+
+        overrides = tuple(
+            (k, float(v)) for k in _BB84_PHYSICS if (v := getattr(self, k)) is not None
+        )
+        return Bb84Settings(
+            preset=self.preset,
+            overrides=overrides,
+            block_sifted_bits=self.block_sifted_bits,
+            eps_sec=self.eps_sec,
+            eps_cor=self.eps_cor,
+            max_blocks_per_advance=self.max_blocks_per_advance,
+            seed=self.seed,
+        )
+
+
 class LinkSection(_Section):
     """The simulated QKD link shared by the two KMEs."""
+
+    model: Literal["rate", "bb84"] = Field(
+        "rate", description="rate: key at rate_bps; bb84: key from a BB84 pipeline ([link.bb84])."
+    )
+    bb84: Bb84Section | None = Field(None, description="The BB84 link (model = 'bb84').")
 
     rate_bps: float = Field(
         100_000.0, ge=0, description="Secret key rate at the configured qber (bits/s)."
@@ -69,9 +146,17 @@ class LinkSection(_Section):
         0, ge=0, description="Keys of key_size in the pool at start (<= max_key_count)."
     )
 
+    @model_validator(mode="after")
+    def _consistent(self) -> LinkSection:
+        self.params()  # cross-field checks (rate model and bb84 physics), reported as link.*
+        return self
+
     def params(self) -> LinkParams:
         """The link model's parameters (raises ValueError on inconsistent values)."""
-        return LinkParams(**self.model_dump())
+        fields = self.model_dump(exclude={"bb84"})
+        if self.model == "bb84":
+            fields["bb84"] = (self.bb84 or Bb84Section()).settings()
+        return LinkParams(**fields)
 
 
 class SyncSection(_Section):
@@ -87,6 +172,11 @@ class KmeSection(_Section):
     kme_id: str = Field(..., pattern=_ID_PATTERN, description="KME ID (source/target_KME_ID).")
     sae_ids: list[str] = Field(..., min_length=1, description="SAE IDs attached to this KME.")
     listen: str = Field(..., description="HOST:PORT of the ETSI 014 API (HTTPS, mutual TLS).")
+    skip_listen: str | None = Field(
+        None,
+        description="HOST:PORT of the Cisco SKIP API (HTTPS, mutual TLS, same certificates and "
+        "key pool as the ETSI 014 API); unset: SKIP is not served.",
+    )
     cert: Path = Field(..., description="Server certificate of the API (PEM).")
     key: Path = Field(..., description="Its private key (PEM, mode 0600).")
     ca: Path = Field(..., description="CA that signs SAE client certificates (PEM).")
@@ -105,10 +195,11 @@ class KmeSection(_Section):
     sync_cert: Path = Field(..., description="KME-to-KME certificate, CN = kme_id (PEM).")
     sync_key: Path = Field(..., description="Its private key (PEM, mode 0600).")
 
-    @field_validator("listen", "admin_listen", "sync_listen")
+    @field_validator("listen", "admin_listen", "sync_listen", "skip_listen")
     @classmethod
-    def _hostport(cls, v: str) -> str:
-        split_hostport(v)
+    def _hostport(cls, v: str | None) -> str | None:
+        if v is not None:
+            split_hostport(v)
         return v
 
     @field_validator("sae_ids")

@@ -15,6 +15,12 @@ What it models (docs/keysource.md has the parameters and realistic presets):
   ``flush`` empties the pool (an operator discarding keys after an alarm).
 
 The model never reads a clock and draws randomness only through the injected ``rng``.
+
+Model selection: ``LinkParams.model`` is ``"rate"`` (this module's :class:`QkdLink`, the fast
+default for tests) or ``"bb84"`` (:class:`keysource.bb84_link.Bb84Link`: the pools fill from a
+decoy-state BB84 pipeline executed block by block). :func:`make_link` builds either; both offer
+``advance``, ``available_bits``, ``stored_key_count``, ``take_pairs`` (KME A's and KME B's copy
+of each key), ``take``, ``set``, ``snapshot``, ``reason`` and ``aborted``.
 """
 
 from __future__ import annotations
@@ -23,7 +29,10 @@ import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from keysource.bb84_link import Bb84Link, Bb84Settings
 
 EVE_QBER = 0.25  # intercept-resend on every photon, BB84: 1/2 wrong basis x 1/2 wrong bit
 DEFAULT_ABORT_QBER = 0.11  # BB84 asymptotic limit (Shor-Preskill r(Q) = 0 at ~11 %)
@@ -48,6 +57,10 @@ class LinkExhausted(LinkError):
     """Not enough secret key in the pool for this request."""
 
 
+class LinkPoolsDiffer(LinkError):
+    """The bb84 model's two pools disagree: the pipeline produced unequal keys (never served)."""
+
+
 @dataclass(frozen=True, slots=True)
 class LinkParams:
     rate_bps: float = 100_000.0
@@ -59,8 +72,14 @@ class LinkParams:
     qber: float = 0.02
     qber_abort_threshold: float = DEFAULT_ABORT_QBER
     initial_keys: int = 0  # keys of key_size in the pool at start
+    model: str = "rate"  # "rate" or "bb84"
+    bb84: Bb84Settings | None = None  # required when model == "bb84"
 
     def __post_init__(self) -> None:
+        if self.model not in ("rate", "bb84"):
+            raise ValueError("model must be 'rate' or 'bb84'")
+        if self.model == "bb84" and self.bb84 is None:
+            raise ValueError("model 'bb84' needs [link.bb84] settings")
         if self.rate_bps < 0:
             raise ValueError("rate_bps must be >= 0")
         for name in ("key_size", "min_key_size", "max_key_size"):
@@ -151,6 +170,10 @@ class QkdLink:
         self.bits_generated += need
         return [self._rng(size_bits // 8) for _ in range(number)]
 
+    def take_pairs(self, now: float, number: int, size_bits: int) -> list[tuple[bytes, bytes]]:
+        """As :meth:`take`, as (KME A's copy, KME B's copy): one pool here, so equal."""
+        return [(k, k) for k in self.take(now, number, size_bits)]
+
     def reason(self) -> str:
         if not self.up:
             return "QKD link is down"
@@ -167,8 +190,11 @@ class QkdLink:
         qber: float | None = None,
         rate_bps: float | None = None,
         flush: bool = False,
+        **bb84_only: Any,
     ) -> None:
         """Change the link at run time (admin endpoint). Accrual up to ``now`` uses the old state."""
+        if bb84_only:
+            raise ValueError(f"{sorted(bb84_only)}: only the bb84 link model has these")
         self.advance(now)
         was_aborted = self.aborted
         if up is not None:
@@ -192,6 +218,7 @@ class QkdLink:
         """A JSON-ready view for status_extension and the admin endpoint (no key bytes)."""
         self.advance(now)
         return {
+            "model": "rate",
             "link_up": self.up,
             "eavesdropper": self.eavesdropper,
             "qber": round(self.effective_qber, 6),
@@ -203,3 +230,15 @@ class QkdLink:
             "bits_generated": self.bits_generated,
             "aborts": self.aborts,
         }
+
+
+def make_link(
+    params: LinkParams, now: float, rng: Callable[[int], bytes] = secrets.token_bytes
+) -> QkdLink | Bb84Link:
+    """The link model ``params.model`` names (``rng`` is for the rate model; the bb84 model
+    seeds its numpy generator from ``[link.bb84] seed`` or the OS)."""
+    if params.model == "bb84":
+        from keysource.bb84_link import Bb84Link  # noqa: PLC0415 -- numpy only when used
+
+        return Bb84Link(params, now)
+    return QkdLink(params, now, rng)

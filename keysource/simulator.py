@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import ssl
@@ -31,7 +32,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -48,10 +49,14 @@ from gateway.secret import SecretBytes
 from keysource import wire
 from keysource.base import KeySourceCounters, KeyStatus, QkdKey, canonical_key_id, check_request
 from keysource.kme_config import KmeConfig, KmeSection, split_hostport
-from keysource.link import LinkExhausted, LinkParams, QkdLink
+from keysource.link import LinkExhausted, LinkParams, LinkPoolsDiffer, QkdLink, make_link
 from keysource.tls import client_context, peer_common_name, server_context
 
+if TYPE_CHECKING:
+    from keysource.bb84_link import Bb84Link
+
 log = logging.getLogger("qgw.kme")
+BB84_TICK_SECONDS = 0.25  # the bb84 model's blocks run this often (in a worker thread)
 
 Clock = Callable[[], float]
 KeyList = list[tuple[str, bytes]]
@@ -151,6 +156,10 @@ ADMIN_FIELDS: dict[str, tuple[type, ...]] = {
     "qber": (int, float),
     "rate_bps": (int, float),
     "flush": (bool,),
+    # bb84 model only (keysource.bb84_link): the eavesdroppers and the fibre length
+    "eve_ir_fraction": (int, float),
+    "eve_pns_fraction": (int, float),
+    "distance_km": (int, float),
 }
 
 
@@ -169,25 +178,38 @@ def check_admin_changes(changes: object) -> dict[str, Any]:
 
 
 class LocalSupply:
-    """Owns the link model. ``deposit`` places the copy of new keys at the other KME."""
+    """Owns the link model. ``deposit`` places the copy of new keys at the other KME.
 
-    def __init__(self, link: QkdLink, clock: Clock, deposit: Deposit) -> None:
+    ``side`` is the KME this supply serves ("A" or "B"): its callers get that KME's copy of
+    each key and the other KME gets its own copy (the bb84 model keeps two pools).
+    """
+
+    def __init__(
+        self, link: QkdLink | Bb84Link, clock: Clock, deposit: Deposit, side: str = "A"
+    ) -> None:
         self.link = link
         self.params = link.params
         self.clock = clock
         self.deposit = deposit
+        self.side = side
 
-    def take_raw(self, number: int, size: int) -> KeyList:
+    def take_raw(self, number: int, size: int) -> list[tuple[str, bytes, bytes]]:
+        """(key ID, KME A's copy, KME B's copy) for ``number`` new keys."""
         try:
-            raw = self.link.take(self.clock(), number, size)
+            raw = self.link.take_pairs(self.clock(), number, size)
         except LinkExhausted as exc:
             raise ApiError(503, str(exc), kind="exhausted") from None
-        return [(str(uuid.uuid4()), k) for k in raw]
+        except LinkPoolsDiffer:  # the bb84 pipeline gave unequal keys: never serve them
+            log.error("QKD link: KME A's and KME B's keys differ; both pools discarded")  # noqa: TRY400
+            raise ApiError(503, "QKD link error: keys discarded", kind="exhausted") from None
+        return [(str(uuid.uuid4()), a, b) for a, b in raw]
 
     async def new_keys(self, number: int, size: int, master: str, slave: str) -> KeyList:
         keys = self.take_raw(number, size)
-        await self.deposit(keys, master, slave)
-        return keys
+        mine = [(kid, a if self.side == "A" else b) for kid, a, b in keys]
+        theirs = [(kid, b if self.side == "A" else a) for kid, a, b in keys]
+        await self.deposit(theirs, master, slave)
+        return mine
 
     async def link_view(self) -> dict[str, Any]:
         return self.link.snapshot(self.clock())
@@ -582,9 +604,9 @@ async def _h_sync_reserve(request: web.Request) -> web.Response:
         raise ApiError(400, "reserve for SAEs not attached to these KMEs")
     if number < 1 or size < 8 or size % 8:
         raise ApiError(400, "bad number or size")
-    keys = owner.take_raw(number, size)
-    node.store.put(keys, master, slave)
-    return _json(wire.encode_key_container(keys))
+    keys = owner.take_raw(number, size)  # the owner is KME A; the master is at KME B
+    node.store.put([(kid, a) for kid, a, _ in keys], master, slave)
+    return _json(wire.encode_key_container([(kid, b) for kid, _, b in keys]))
 
 
 async def _h_sync_link(request: web.Request) -> web.Response:
@@ -620,6 +642,7 @@ class Endpoints:
     api: tuple[str, int]
     admin: tuple[str, int]
     sync: tuple[str, int] | None
+    skip: tuple[str, int] | None = None  # Cisco SKIP API (keysource.skip_server), if served
 
 
 def _node(me: KmeSection, other: KmeSection, store: KeyStore, supply: KeySupply) -> KmeNode:
@@ -644,8 +667,9 @@ class SimulatorRunner:
         self.clock = clock
         self.nodes: dict[str, KmeNode] = {}
         self.endpoints: dict[str, Endpoints] = {}
-        self.link: QkdLink | None = None
+        self.link: QkdLink | Bb84Link | None = None
         self._runners: list[web.AppRunner] = []
+        self._ticker: asyncio.Task[None] | None = None
         self._sync_clients: list[SyncClient] = []
 
     def build_nodes(self) -> dict[str, KmeNode]:
@@ -655,7 +679,7 @@ class SimulatorRunner:
         a, b = cfg.kme_a, cfg.kme_b
         store_a, store_b = KeyStore(cap), KeyStore(cap)
         if self.which == "both":
-            self.link = QkdLink(params, self.clock())
+            self.link = make_link(params, self.clock())
 
             async def to_a(keys: KeyList, master: str, slave: str) -> None:
                 store_a.put(keys, master, slave)
@@ -663,14 +687,14 @@ class SimulatorRunner:
             async def to_b(keys: KeyList, master: str, slave: str) -> None:
                 store_b.put(keys, master, slave)
 
-            sup_a = LocalSupply(self.link, self.clock, to_b)
-            sup_b = LocalSupply(self.link, self.clock, to_a)
+            sup_a = LocalSupply(self.link, self.clock, to_b, "A")
+            sup_b = LocalSupply(self.link, self.clock, to_a, "B")
             self.nodes["A"] = _node(a, b, store_a, sup_a)
             self.nodes["B"] = _node(b, a, store_b, sup_b)
         elif self.which == "A":
-            self.link = QkdLink(params, self.clock())
+            self.link = make_link(params, self.clock())
             client = self._sync_client(a, b)
-            sup_a = LocalSupply(self.link, self.clock, client.deposit)
+            sup_a = LocalSupply(self.link, self.clock, client.deposit, "A")
             self.nodes["A"] = _node(a, b, store_a, sup_a)
         else:
             client = self._sync_client(b, a)
@@ -707,6 +731,13 @@ class SimulatorRunner:
             api = await self._site(
                 make_api_app(node), sec.listen, server_context(sec.cert, sec.key, sec.ca)
             )
+            skip = None
+            if sec.skip_listen is not None:
+                from keysource.skip_server import make_skip_app  # noqa: PLC0415 -- import cycle
+
+                skip = await self._site(
+                    make_skip_app(node), sec.skip_listen, server_context(sec.cert, sec.key, sec.ca)
+                )
             admin = await self._site(make_admin_app(node), sec.admin_listen, None)
             sync = None
             if two_process:
@@ -715,7 +746,7 @@ class SimulatorRunner:
                 sync = await self._site(
                     make_sync_app(node, other.kme_id, owner), sec.sync_listen, sctx
                 )
-            self.endpoints[name] = Endpoints(api, admin, sync)
+            self.endpoints[name] = Endpoints(api, admin, sync, skip)
             log.info(
                 "KME %s (%s) serving ETSI 014 on https://%s:%d for SAEs %s; admin http://%s:%d%s",
                 name,
@@ -725,8 +756,40 @@ class SimulatorRunner:
                 *admin,
                 f"; sync https://{sync[0]}:{sync[1]}" if sync else "",
             )
+            if skip is not None:
+                log.info(
+                    "KME %s (%s) serving Cisco SKIP on https://%s:%d", name, node.kme_id, *skip
+                )
+
+        if self.link is not None and self.link.params.model == "bb84":
+            self.link.auto_advance = False  # type: ignore[union-attr]  # the ticker drives it
+            self._ticker = asyncio.create_task(self._bb84_ticker())
+
+    async def _bb84_ticker(self) -> None:
+        """Run the bb84 link's due blocks in real time: claim and absorb here, compute in a
+        worker thread (the event loop keeps answering ETSI 014 calls meanwhile)."""
+        from keysource.bb84_link import Bb84Link, compute_block  # noqa: PLC0415
+
+        link = self.link
+        assert isinstance(link, Bb84Link)
+        while True:
+            for claim in [*link.drain_pending(), *link.claim(self.clock())]:
+                try:
+                    res = await asyncio.to_thread(compute_block, claim)
+                except Exception:
+                    log.exception("bb84 block %d failed; its link time is lost", claim.index)
+                    continue
+                link.absorb(claim, res)
+                if res.abort_reason:
+                    log.warning("bb84 block %d: no key: %s", claim.index, res.abort_reason)
+            await asyncio.sleep(BB84_TICK_SECONDS)
 
     async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None
         for r in reversed(self._runners):
             await r.cleanup()
         self._runners.clear()

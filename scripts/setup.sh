@@ -10,7 +10,23 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
-{ command -v spin && command -v gcc; } >/dev/null 2>&1 || need_apt+=(spin gcc)  # formal/spin model check (tests/formal)
+# make bench: the C load generator (bench/loadgen.c) and the mosquitto command-line clients
+command -v mosquitto_sub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
+[ -f /usr/include/mosquitto.h ] || need_apt+=(libmosquitto-dev)
+command -v gcc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
+# promtool checks deploy/prometheus/ in the tests (Debian ships it in the prometheus package).
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+# setpriv drops CAP_DAC_OVERRIDE in the credential tests (util-linux, normally present).
+command -v setpriv >/dev/null 2>&1 || need_apt+=(util-linux)
+# sslpsk3, a C extension pulled by the dev-only interop client skip-qkd, builds from source
+if command -v dpkg >/dev/null 2>&1; then
+    command -v gcc >/dev/null 2>&1 || need_apt+=(gcc)
+    for pkg in libssl-dev python3-dev; do
+        dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
+    done
+fi
+# formal/spin/epochs.pml is model-checked in the tests (its verifier is compiled with gcc above)
+command -v spin >/dev/null 2>&1 || need_apt+=(spin)
 if [ "${#need_apt[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "setup: please install: ${need_apt[*]} (sudo apt-get install ${need_apt[*]})" >&2

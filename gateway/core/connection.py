@@ -9,6 +9,9 @@ randomness comes from the injected ``rng``. When the core needs a QKD key it emi
 
 Message pattern (labels as in docs/protocol.md)::
 
+    admission    R -> I  CHALLENGE  version, cookie                                         AD1
+    (every new   I -> R  HELLO      suite, auth, policy, kind, epoch, id_i, id_r, proof     AD2
+    connection)  R -> I  ADMIT      kind, epoch, proof        (gateway/core/admission.py)   AD4
     bootstrap    I -> R  INIT     suite, policy, key ID, n_i, id_i, id_r, ek_i, X_i, adm   B2
                  R -> I  RESP     n_r, qkd_used, ct, X_r, cert_r, sig_r/psk_r, fin_r       B5
                  I -> R  CONFIRM  cert_i, sig_i/psk_i, fin_i                               B7
@@ -28,12 +31,16 @@ from enum import Enum, auto
 
 from gateway.core import labels as L
 from gateway.core import schedule
+from gateway.core.admission import Admission, Admitted, Refused
 from gateway.core.auth import Authenticator, PeerIdentity
 from gateway.core.records import RecvState, SendState
 from gateway.core.wire import (
+    Admit,
     AlertMsg,
+    Challenge,
     Confirm,
     FrameBuffer,
+    Hello,
     Init,
     RekeyInit,
     RekeyResp,
@@ -82,10 +89,13 @@ class State(Enum):
     """Named after what is expected next (aioquic style)."""
 
     I_START = auto()
+    I_EXPECT_CHALLENGE = auto()  # admission (§3.5): the responder speaks first
+    I_EXPECT_ADMIT = auto()
     I_EXPECT_QKD_KEY = auto()
     I_EXPECT_RESP = auto()
     I_EXPECT_REKEY_RESP = auto()  # resumption on a new connection
-    R_EXPECT_INIT = auto()
+    R_EXPECT_HELLO = auto()  # admission (§3.5): CHALLENGE sent
+    R_EXPECT_INIT = auto()  # admitted: INIT (bootstrap) or REKEY_INIT (resume), as the HELLO said
     R_EXPECT_QKD_KEY = auto()
     R_EXPECT_CONFIRM = auto()
     R_EXPECT_EPOCH_CONFIRM = auto()  # resumption: first record under the new epoch
@@ -151,10 +161,13 @@ class Closed:
     alert: L.Alert
     reason: str
     by_peer: bool
+    peer_code: int | None = None  # the code of the peer's ALERT, as sent (before §8's mapping)
+    refused_unconfirmed: bool = False  # initiator: the peer refused a bootstrap we had finished
 
 
 Event = (
-    NeedQkdKeys
+    Admitted
+    | NeedQkdKeys
     | NeedQkdKeysById
     | HandshakeComplete
     | RekeyComplete
@@ -196,6 +209,11 @@ class Association:
         # has already proven): forged INITs from one address cannot starve another.
         self.buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
         self.updated_at = 0.0  # `now` of the last epoch change (stale chains are dropped)
+        # initiator: the chain was dropped on an (unauthenticated) alert 16; the next bootstrap
+        # must bring QKD key even under `preferred` (§5, §10), so a forged alert 16 plus stolen
+        # bootstrap credentials cannot yield a session without QKD.
+        self.rebootstrap_needs_qkd = False
+        self.global_bucket = (float(L.GLOBAL_BOOTSTRAP_BURST), -1.0)
 
     def remember(self, cache: collections.OrderedDict[bytes, None], item: bytes) -> bool:
         """Add ``item``; False if it was already there (replay)."""
@@ -213,6 +231,18 @@ class Association:
         self.buckets[source] = (tokens - 1 if ok else tokens, now)
         while len(self.buckets) > 1024:
             self.buckets.popitem(last=False)
+        return ok
+
+    def take_global_token(self, now: float) -> bool:
+        """The budget over all sources for unauthenticated (pki) bootstrap INITs (B3)."""
+        tokens, at = self.global_bucket
+        if at >= 0:
+            tokens = min(
+                float(L.GLOBAL_BOOTSTRAP_BURST),
+                tokens + (now - at) * L.GLOBAL_BOOTSTRAP_PER_SECOND,
+            )
+        ok = tokens >= 1
+        self.global_bucket = (tokens - 1 if ok else tokens, now)
         return ok
 
     def set_chain(self, epoch: int, chain: bytes) -> None:
@@ -280,7 +310,16 @@ class Connection:
         self.assoc = association
         self.source = source  # the peer's address, for per-source admission limits
         self.kem_alg = SUITE_KEM[params.suite]
-        self.state = State.I_START if params.role is Role.INITIATOR else State.R_EXPECT_INIT
+        self.state = State.I_START if params.role is Role.INITIATOR else State.R_EXPECT_HELLO
+        self._adm = Admission(
+            initiator=params.role is Role.INITIATOR,
+            suite=params.suite,
+            auth_mode=auth.mode,
+            qkd_policy=params.qkd_policy,
+            identity=auth.identity,
+            peer_name=params.peer_name,
+            s0=schedule.psk_secret(auth.psk()),
+        )
         self._frames = FrameBuffer()
         self._out = bytearray()
         self._events: collections.deque[Event] = collections.deque()
@@ -317,6 +356,8 @@ class Connection:
         self._next_th = b""
         self.resumed = False
         self.stats: collections.Counter[str] = collections.Counter()
+        if params.role is Role.RESPONDER:
+            self._out += self._adm.create_challenge(rng)  # AD1: the responder speaks first
 
     # --- public API ---------------------------------------------------------------------
 
@@ -328,7 +369,7 @@ class Connection:
         if self.params.role is not Role.INITIATOR or self.state is not State.I_START:
             raise LocalProtocolError("start() is for a new initiator connection")
         self._deadline = now + self.params.handshake_timeout
-        self._guard(now, self._begin)
+        self.state = State.I_EXPECT_CHALLENGE  # AD1..AD5 come first (§3.5)
 
     def _begin(self, now: float) -> None:
         if self.assoc.chain is not None:
@@ -350,7 +391,7 @@ class Connection:
         """Feed bytes from the peer. Never raises for bad input: it closes with an alert."""
         if self.state is State.CLOSED:
             return
-        if self.state is State.R_EXPECT_INIT and self._deadline is None:
+        if self.state is State.R_EXPECT_HELLO and self._deadline is None:
             self._deadline = now + self.params.handshake_timeout
         self._frames.feed(data)
         self._guard(now, self._drain_frames)
@@ -434,6 +475,8 @@ class Connection:
             fn(now)
         except _Fail as f:
             self._abort(f.alert, f.reason)
+        except Refused as f:
+            self._abort(f.alert, f.reason)
         except ProtocolError as exc:
             if isinstance(exc, LocalProtocolError):
                 raise
@@ -450,16 +493,24 @@ class Connection:
         self._out += AlertMsg(alert, alert.name.lower()).encode()  # details stay local
         self._finish(alert, reason, by_peer=False)
 
-    def _finish(self, alert: L.Alert, reason: str, by_peer: bool) -> None:
+    def _finish(
+        self,
+        alert: L.Alert,
+        reason: str,
+        by_peer: bool,
+        peer_code: int | None = None,
+        refused_unconfirmed: bool = False,
+    ) -> None:
         self.state = State.CLOSED
         self._wipe_handshake()
         for st in (self._send, self._recv, self._recv_prev, self._send_next, self._recv_next):
             if st is not None:
                 st.wipe()
         self._send = self._recv = self._recv_prev = self._send_next = self._recv_next = None
-        self._events.append(Closed(alert, reason, by_peer))
+        self._events.append(Closed(alert, reason, by_peer, peer_code, refused_unconfirmed))
 
     def _wipe_handshake(self) -> None:
+        self._adm.wipe()
         if self._x_key is not None:
             self._x_key.wipe()
         self._x_key = None
@@ -482,12 +533,24 @@ class Connection:
             if ftype is L.FrameType.ALERT:
                 msg = AlertMsg.decode(body)
                 alert = L.Alert(msg.code)
+                resuming = (
+                    self.state is State.I_EXPECT_ADMIT and self._adm.kind is L.HelloKind.RESUME
+                )
                 if self.state is State.ESTABLISHED or (
-                    alert is L.Alert.NO_SESSION and self.state is not State.I_EXPECT_REKEY_RESP
+                    alert is L.Alert.NO_SESSION and not resuming
                 ):
                     # Unauthenticated: it may close this connection, nothing more (§8).
                     alert = L.Alert.UNEXPECTED_MESSAGE
-                self._finish(alert, f"peer alert {msg.code}", by_peer=True)
+                if alert is L.Alert.NO_SESSION:
+                    self._no_session()
+                refused = self._refused_before_confirm()
+                self._finish(
+                    alert,
+                    f"peer alert {msg.code}",
+                    by_peer=True,
+                    peer_code=msg.code,
+                    refused_unconfirmed=refused,
+                )
                 return
             if ftype is L.FrameType.RECORD:
                 self._on_record(body, now)
@@ -496,7 +559,23 @@ class Connection:
 
     def _on_handshake(self, ftype: L.FrameType, body: bytes, raw: bytes, now: float) -> None:
         s, role = self.state, self.params.role
-        if ftype is L.FrameType.INIT and s is State.R_EXPECT_INIT:
+        kind = self._adm.kind
+        if ftype is L.FrameType.CHALLENGE and s is State.I_EXPECT_CHALLENGE:
+            self._out += self._adm.consume_challenge(Challenge.decode(body), raw, self.assoc)  # AD2
+            self.state = State.I_EXPECT_ADMIT
+        elif ftype is L.FrameType.HELLO and s is State.R_EXPECT_HELLO:
+            if body[:1] and body[0] != L.VERSION:
+                raise _Fail(L.Alert.UNSUPPORTED_VERSION, f"HELLO version {body[0]}")
+            admit, ev = self._adm.consume_hello(Hello.decode(body), raw, self.assoc)  # AD3
+            self._out += admit  # AD4
+            self._events.append(ev)
+            self.state = State.R_EXPECT_INIT
+        elif ftype is L.FrameType.ADMIT and s is State.I_EXPECT_ADMIT:
+            self._adm.consume_admit(Admit.decode(body))  # AD5: only now spend QKD key
+            self._begin(now)
+        elif (
+            ftype is L.FrameType.INIT and s is State.R_EXPECT_INIT and kind is L.HelloKind.BOOTSTRAP
+        ):
             if body[:1] and body[0] != L.VERSION:  # §3.1: before decoding anything else
                 raise _Fail(L.Alert.UNSUPPORTED_VERSION, f"INIT version {body[0]}")
             self._consume_init(Init.decode(body), raw, now)
@@ -508,7 +587,7 @@ class Connection:
             ftype is L.FrameType.REKEY_INIT
             and role is Role.RESPONDER
             and (
-                s is State.R_EXPECT_INIT
+                (s is State.R_EXPECT_INIT and kind is L.HelloKind.RESUME)
                 or (s is State.ESTABLISHED and self.rekey_phase is RekeyPhase.IDLE)
             )
         ):
@@ -525,6 +604,7 @@ class Connection:
         if self.state is State.I_EXPECT_QKD_KEY:
             self._qkd = qkd
             if qkd is None:
+                self._needs_qkd_after_no_session()
                 self._qkd_missing("bootstrap")
             self._create_init(now)
         elif self.state is State.R_EXPECT_QKD_KEY:
@@ -559,6 +639,50 @@ class Connection:
             self._create_rekey_response(qkd, now)
         else:
             raise LocalProtocolError("no QKD key was requested")
+
+    def _refused_before_confirm(self) -> bool:
+        """An ALERT to an initiator whose bootstrap R never confirmed (no record from R yet).
+
+        R refused our CONFIRM (e.g. our certificate), or someone forged the alert: either way
+        the chain of this bootstrap is not known to be shared. Forget it, and, as after alert 16
+        (§5), require QKD key on the next bootstrap unless the policy is off, so a forged alert
+        here cannot lead to a bootstrap without QKD either.
+        """
+        if not (
+            self.params.role is Role.INITIATOR
+            and self.state is State.ESTABLISHED
+            and self._adm.kind is L.HelloKind.BOOTSTRAP
+            and self.stats["records_received"] == 0
+        ):
+            return False
+        self.assoc.forget()
+        self.assoc.rebootstrap_needs_qkd = self.params.qkd_policy is not L.QkdPolicyId.OFF
+        return True
+
+    def _no_session(self) -> None:
+        """Alert 16 while resuming (§5): forget the chain; the re-bootstrap must bring QKD."""
+        policy_off = self.params.qkd_policy is L.QkdPolicyId.OFF
+        self.assoc.forget()
+        self.assoc.rebootstrap_needs_qkd = not policy_off
+        self._events.append(
+            Alarm(
+                "rebootstrap",
+                "peer says it has no session (alert 16, unauthenticated)"
+                + ("" if policy_off else "; the new bootstrap must bring a QKD key"),
+            )
+        )
+
+    def _needs_qkd_after_no_session(self) -> None:
+        """B1/B6 (§5, §10): after an unauthenticated alert 16, no bootstrap without QKD key."""
+        if self.assoc.rebootstrap_needs_qkd and self.params.qkd_policy is not L.QkdPolicyId.OFF:
+            self._events.append(
+                Alarm(
+                    "rebootstrap",
+                    "re-bootstrap after alert 16 refused without QKD key (a forged alert 16 "
+                    "plus stolen bootstrap credentials must not yield a session)",
+                )
+            )
+            raise _Fail(L.Alert.QKD_UNAVAILABLE, "re-bootstrap after alert 16 needs a QKD key")
 
     def _qkd_missing(self, what: str) -> None:
         if self.params.qkd_policy is L.QkdPolicyId.REQUIRED:
@@ -623,6 +747,8 @@ class Connection:
         expect = hmac_sha384(schedule.finished_key(self._s3, L.L_FINISHED_R, th2s), th2s)
         if not constant_time_equal(expect, m.finished):
             raise AuthenticationError("responder finished MAC does not verify")
+        if not m.qkd_used:
+            self._needs_qkd_after_no_session()
         if offered and not m.qkd_used:  # authenticated now: apply the policy
             self._qkd_missing("bootstrap (responder had no QKD key)")
         self._resp_frame = raw
@@ -682,6 +808,11 @@ class Connection:
             )
         if not self.assoc.take_token(now, self.source):
             raise _Fail(L.Alert.RATE_LIMITED, "too many bootstrap attempts")
+        if self.auth.mode is L.AuthModeId.PKI and not self.assoc.take_global_token(now):
+            # pki: the INIT is not authenticated yet; its dec_keys call and ML-DSA signature
+            # come out of one budget over all source addresses (§3.4 B3).
+            self.stats["global_budget_refusals"] += 1
+            raise _Fail(L.Alert.RATE_LIMITED, "global budget for unauthenticated INITs exhausted")
         if not self.assoc.remember(self.assoc.seen_nonces, m.nonce):
             raise ReplayError("INIT nonce seen before")
         if m.qkd_offered and not self.assoc.remember(self.assoc.used_key_ids, m.qkd_key_id):
@@ -795,6 +926,12 @@ class Connection:
 
     def _established(self, now: float, peer: PeerIdentity, resumed: bool) -> None:
         self.state = State.ESTABLISHED
+        if self._qkd_used:
+            self.assoc.rebootstrap_needs_qkd = False
+        if self.params.role is Role.RESPONDER and self._send is not None:
+            # B9/RK7 on a new connection: the responder's first record confirms the session to
+            # the initiator, which counts it as established only then (§5 "honest counts").
+            self._out += self._send.seal(L.ContentType.EPOCH_CONFIRM, b"")
         self._deadline = None
         self._note_qkd_mode(self._qkd_used)
         self._wipe_handshake()

@@ -41,6 +41,14 @@ REKEY_AT_FRACTION = 0.75  # rekey when 3/4 of the record or byte budget is used
 BOOTSTRAP_BURST = 5
 BOOTSTRAP_PER_SECOND = 0.5
 REPLAY_CACHE_SIZE = 4096
+# A global budget over all source addresses on the bootstrap INITs that cost a dec_keys call and
+# an ML-DSA signature without being authenticated (pki mode): 250 addresses cost no more than this.
+GLOBAL_BOOTSTRAP_BURST = 10
+GLOBAL_BOOTSTRAP_PER_SECOND = 2.0
+
+# --- pre-handshake admission (docs/protocol.md §3.5) ---
+COOKIE_LEN = 32  # CHALLENGE cookie: fresh random per TCP connection
+ADMISSION_PROOF_LEN = 32  # HELLO / ADMIT proof: HMAC-SHA384 truncated to 32 bytes
 
 
 class FrameType(IntEnum):
@@ -49,8 +57,18 @@ class FrameType(IntEnum):
     CONFIRM = 0x03
     REKEY_INIT = 0x04
     REKEY_RESP = 0x05
+    CHALLENGE = 0x06  # R -> I, first frame of every connection (§3.5, AD1)
+    HELLO = 0x07  # I -> R (AD2)
+    ADMIT = 0x08  # R -> I (AD4)
     RECORD = 0x10
     ALERT = 0x30
+
+
+class HelloKind(IntEnum):
+    """What the initiator wants to do on this connection (HELLO, §3.5)."""
+
+    BOOTSTRAP = 0x00
+    RESUME = 0x01
 
 
 class ContentType(IntEnum):
@@ -120,6 +138,10 @@ L_IV_R2I = b"r2i iv"
 L_CHAIN = b"chain"
 L_REKEY_MAC_I = b"rekey i mac"  # [u32 new epoch]
 L_REKEY_MAC_R = b"rekey r mac"  # [u32 new epoch]
+L_HELLO_RESUME = b"resume hello"  # [u32 epoch]: key of a resuming HELLO's proof (chain MAC)
+L_ADMIT_RESUME = b"resume admit"  # [u32 epoch]: key of the responder's ADMIT proof
+L_HELLO_PSK = b"bootstrap hello"  # psk mode, from S0: key of a bootstrap HELLO's proof
+L_ADMIT_PSK = b"bootstrap admit"  # psk mode, from S0: key of the ADMIT proof
 SIG_CONTEXT = b"qgw/1 handshake"  # FIPS 204 ctx string for ML-DSA signatures
 SIG_ROLE_R = b"qgw/1 responder signs TH2"
 SIG_ROLE_I = b"qgw/1 initiator signs TH3a"

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from gateway.core.labels import (
     ADMISSION_LEN,
+    ADMISSION_PROOF_LEN,
+    COOKIE_LEN,
     FINISHED_LEN,
     FRAME_HEADER_LEN,
     KEY_ID_LEN,
@@ -23,6 +25,7 @@ from gateway.core.labels import (
     WC_TAG_LEN,
     Alert,
     FrameType,
+    HelloKind,
 )
 from gateway.errors import DecodeError
 
@@ -382,6 +385,106 @@ class RekeyResp:
         return m
 
 
+# --- pre-handshake admission (docs/protocol.md §3.5) ---------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    """CHALLENGE (R -> I), the first frame on every connection (AD1): version || cookie."""
+
+    cookie: bytes
+
+    def encode(self) -> bytes:
+        return frame(FrameType.CHALLENGE, bytes([VERSION]) + self.cookie)
+
+    @staticmethod
+    def decode(body: bytes) -> Challenge:
+        r = Reader(body)
+        if r.u8() != VERSION:
+            raise DecodeError("unsupported protocol version")
+        m = Challenge(cookie=r.take(COOKIE_LEN))
+        r.end()
+        return m
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """HELLO (I -> R), AD2: what the initiator wants, and a proof bound to the cookie."""
+
+    suite: int
+    auth_mode: int
+    qkd_policy: int
+    kind: HelloKind
+    epoch: int  # resume: the epoch whose chain key the proof uses; bootstrap: 0
+    initiator: str
+    responder: str
+    proof: bytes
+
+    def core(self) -> bytes:
+        """HELLO_core: the body from version through id_r (what the proof covers, with the cookie)."""
+        return (
+            bytes([VERSION, self.suite, self.auth_mode, self.qkd_policy, self.kind])
+            + struct.pack(">I", self.epoch)
+            + vec8(self.initiator.encode())
+            + vec8(self.responder.encode())
+        )
+
+    def encode(self) -> bytes:
+        return frame(FrameType.HELLO, self.core() + self.proof)
+
+    @staticmethod
+    def decode(body: bytes) -> Hello:
+        r = Reader(body)
+        if r.u8() != VERSION:
+            raise DecodeError("unsupported protocol version")
+        suite, auth, policy = r.u8(), r.u8(), r.u8()
+        try:
+            kind = HelloKind(r.u8())
+        except ValueError as exc:
+            raise DecodeError("unknown HELLO kind") from exc
+        epoch = r.u32()
+        if kind is HelloKind.BOOTSTRAP and epoch != 0:
+            raise DecodeError("bootstrap HELLO with an epoch")
+        m = Hello(
+            suite=suite,
+            auth_mode=auth,
+            qkd_policy=policy,
+            kind=kind,
+            epoch=epoch,
+            initiator=_name(r),
+            responder=_name(r),
+            proof=r.take(ADMISSION_PROOF_LEN),
+        )
+        r.end()
+        return m
+
+
+@dataclass(frozen=True, slots=True)
+class Admit:
+    """ADMIT (R -> I), AD4: kind || epoch || proof (the responder's MAC over the exchange)."""
+
+    kind: HelloKind
+    epoch: int
+    proof: bytes
+
+    def core(self) -> bytes:
+        return bytes([self.kind]) + struct.pack(">I", self.epoch)
+
+    def encode(self) -> bytes:
+        return frame(FrameType.ADMIT, self.core() + self.proof)
+
+    @staticmethod
+    def decode(body: bytes) -> Admit:
+        r = Reader(body)
+        try:
+            kind = HelloKind(r.u8())
+        except ValueError as exc:
+            raise DecodeError("unknown ADMIT kind") from exc
+        m = Admit(kind=kind, epoch=r.u32(), proof=r.take(ADMISSION_PROOF_LEN))
+        r.end()
+        return m
+
+
 @dataclass(frozen=True, slots=True)
 class AlertMsg:
     """ALERT: unauthenticated; only ever closes a connection, never changes security state."""
@@ -423,5 +526,8 @@ DECODERS = {
     FrameType.CONFIRM: Confirm.decode,
     FrameType.REKEY_INIT: RekeyInit.decode,
     FrameType.REKEY_RESP: RekeyResp.decode,
+    FrameType.CHALLENGE: Challenge.decode,
+    FrameType.HELLO: Hello.decode,
+    FrameType.ADMIT: Admit.decode,
     FrameType.ALERT: AlertMsg.decode,
 }

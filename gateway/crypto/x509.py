@@ -419,3 +419,66 @@ def certificate_name(der: bytes) -> str:
     if len(dns) != 1:
         raise CryptoError("gateway certificate must carry exactly one SAN DNS name")
     return dns[0]
+
+
+@dataclass(frozen=True, slots=True)
+class OwnCertificate:
+    """What ``check_own_certificate`` learned about this gateway's certificate."""
+
+    name: str
+    not_before: _dt.datetime
+    not_after: _dt.datetime
+    fingerprint: str
+    ca_problem: str | None  # why the chain does not verify against the CA file, else None
+
+
+def load_ca_certificates(pem: bytes) -> int:
+    """Check that a CA file holds at least one PEM certificate; return how many."""
+    try:
+        roots = x509.load_pem_x509_certificates(pem)
+    except ValueError as exc:
+        raise CryptoError("not a PEM certificate file") from exc
+    if not roots:
+        raise CryptoError("holds no certificate")
+    return len(roots)
+
+
+def private_key_matches(key_pem: bytes, cert_der: bytes) -> bool:
+    """True when the private key is the one whose public key the certificate carries."""
+    key = _load_private(key_pem)
+    try:
+        cert_pub = x509.load_der_x509_certificate(cert_der).public_key()
+    except Exception as exc:  # unknown key types raise UnsupportedAlgorithm
+        raise CryptoError("certificate public key cannot be read") from exc
+    return _raw_public(key.public_key()) == _raw_public(cert_pub) != b""
+
+
+def check_own_certificate(
+    chain_der: list[bytes], ca_pems: bytes, now: _dt.datetime
+) -> OwnCertificate:
+    """Validity and CA verification of our own chain, as the peer will check it."""
+    leaf = x509.load_der_x509_certificate(chain_der[0])
+    name = certificate_name(chain_der[0])
+    problem: str | None = None
+    try:
+        verify_peer(chain_der, ca_pems, name, now, frozenset(SigAlg))
+    except (AuthenticationError, CryptoError) as exc:
+        problem = str(exc).removeprefix("peer certificate: ")
+    return OwnCertificate(
+        name=name,
+        not_before=leaf.not_valid_before_utc,
+        not_after=leaf.not_valid_after_utc,
+        fingerprint=certificate_fingerprint(chain_der[0]),
+        ca_problem=problem,
+    )
+
+
+def certificate_not_after(pem: bytes) -> _dt.datetime:
+    """End of validity of the first certificate in a PEM file (any key type: the KME's too)."""
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError as exc:
+        raise CryptoError("not a PEM certificate") from exc
+    if not certs:
+        raise CryptoError("no certificate in the PEM data")
+    return certs[0].not_valid_after_utc

@@ -1,5 +1,6 @@
-"""Tunnel mode: TCP streams between the sites over the qgw session (issue 9).
+"""Tunnel mode: TCP streams between the sites over the qgw session (issue 9, docs/tunnel.md).
 
-So far only :mod:`gateway.tunnel.messages` (the stream message codec, kinds 0x10-0x1F) exists;
-the multiplexer state machine, the asyncio socket adapters and the runtime wiring are not built.
+- :mod:`gateway.tunnel.messages`: the stream message codec (kinds 0x10-0x1F, TS1-TS7);
+- :mod:`gateway.tunnel.mux`: the sans-I/O stream multiplexer (states, windows, TS8-TS14);
+- :mod:`gateway.tunnel.sockets`: the asyncio adapters (local listeners and connectors).
 """

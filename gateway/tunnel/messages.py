@@ -1,4 +1,4 @@
-"""Tunnel stream messages (labels TS1-TS7; the docs/protocol.md section is not written yet).
+"""Tunnel stream messages (labels TS1-TS7 of docs/protocol.md, "Tunnel streams").
 
 Each message is one application payload inside a DATA record (or a reassembled FIRST/MORE/LAST
 message); its first byte is the *kind*, 0x10-0x1F (kinds 0x01-0x0F belong to the MQTT bridge).

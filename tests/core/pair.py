@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.core import labels as L
+from gateway.core import schedule
+from gateway.core.admission import Admission
 from gateway.core.auth import PkiAuthenticator, PskAuthenticator
 from gateway.core.connection import (
     Alarm,
@@ -25,7 +27,8 @@ from gateway.core.connection import (
     Role,
     SessionParams,
 )
-from gateway.crypto import SIG_SEED_LEN, SigAlg, get_provider
+from gateway.core.wire import Challenge, FrameBuffer
+from gateway.crypto import SIG_SEED_LEN, Provider, SigAlg, get_provider
 from gateway.errors import AuthenticationError
 
 PROVIDER = get_provider("pyca")
@@ -34,6 +37,54 @@ PROVIDER = get_provider("pyca")
 def seeded_rng(seed: int) -> Callable[[int], bytes]:
     r = random.Random(seed)
     return lambda n: r.randbytes(n)
+
+
+def split_frames(chunks: list[bytes]) -> list[bytes]:
+    """Every whole frame in these chunks, in order."""
+    fb = FrameBuffer()
+    out = []
+    for c in chunks:
+        fb.feed(c)
+        while (f := fb.next_frame()) is not None:
+            out.append(f[2])
+    return out
+
+
+def first_frame(chunks: list[bytes], ftype: L.FrameType) -> bytes:
+    return next(f for f in split_frames(chunks) if f[4] == ftype)
+
+
+def admit(
+    r: Connection, auth_i: object, assoc_i: Association | None = None, now: float = 0.0
+) -> list[Event]:
+    """Run the admission exchange (AD1..AD4, docs/protocol.md §3.5) against a fresh responder
+    as the initiator ``auth_i`` would (bootstrap, or resume when ``assoc_i`` holds a chain), so a
+    test can then send it an INIT or REKEY_INIT. Returns the responder's events (Admitted)."""
+    adm = Admission(
+        initiator=True,
+        suite=r.params.suite,
+        auth_mode=auth_i.mode,  # type: ignore[attr-defined]
+        qkd_policy=r.params.qkd_policy,
+        identity=auth_i.identity,  # type: ignore[attr-defined]
+        peer_name=r.auth.identity,
+        s0=schedule.psk_secret(auth_i.psk()),  # type: ignore[attr-defined]
+    )
+    challenge = r.data_to_send()
+    assert challenge[4] == L.FrameType.CHALLENGE
+    hello = adm.consume_challenge(
+        Challenge.decode(challenge[5:]), challenge, assoc_i or Association()
+    )
+    r.receive_data(hello, now)
+    admit_frame = r.data_to_send()
+    assert admit_frame[4:5] == bytes([L.FrameType.ADMIT]), r.state
+    return list(iter(r.next_event, None))
+
+
+def drive_admission(i: Connection, r: Connection, now: float = 0.0) -> None:
+    """Move CHALLENGE, HELLO and ADMIT between a started initiator and a fresh responder."""
+    i.receive_data(r.data_to_send(), now)
+    r.receive_data(i.data_to_send(), now)
+    i.receive_data(r.data_to_send(), now)
 
 
 class FakeKme:
@@ -128,6 +179,8 @@ class Pair:
         assoc_i: Association | None = None,
         assoc_r: Association | None = None,
         auths: tuple[object, object] | None = None,
+        provider: Provider = PROVIDER,
+        rngs: tuple[Callable[[int], bytes], Callable[[int], bytes]] | None = None,
         **params: object,
     ) -> None:
         a, b = auths or (psk_auths() if auth == "psk" else pki_auths())
@@ -138,16 +191,12 @@ class Pair:
         mk = lambda role, peer: SessionParams(
             role=role, suite=suite, qkd_policy=policy, peer_name=peer, **params
         )  # type: ignore[arg-type]
-        self.i = Side(
-            Connection(mk(Role.INITIATOR, "site-b"), a, PROVIDER, seeded_rng(seed), self.assoc_i)
-        )  # type: ignore[arg-type]
-        self.r = Side(
-            Connection(
-                mk(Role.RESPONDER, "site-a"), b, PROVIDER, seeded_rng(seed + 1000), self.assoc_r
-            )
-        )  # type: ignore[arg-type]
+        rng_i, rng_r = rngs or (seeded_rng(seed), seeded_rng(seed + 1000))
+        self.i = Side(Connection(mk(Role.INITIATOR, "site-b"), a, provider, rng_i, self.assoc_i))  # type: ignore[arg-type]
+        self.r = Side(Connection(mk(Role.RESPONDER, "site-a"), b, provider, rng_r, self.assoc_r))  # type: ignore[arg-type]
         self.wire_i2r: list[bytes] = []  # every chunk sent, for attack tests
         self.wire_r2i: list[bytes] = []
+        self.wire: list[tuple[str, bytes]] = []  # every chunk in the order sent ("i2r"/"r2i")
         self.tamper: Callable[[str, bytes], bytes] | None = None
 
     def _answer(self, side: Side) -> bool:
@@ -167,6 +216,7 @@ class Pair:
             out = self.i.conn.data_to_send()
             if out:
                 self.wire_i2r.append(out)
+                self.wire.append(("i2r", out))
                 if self.tamper:
                     out = self.tamper("i2r", out)
                 self.r.conn.receive_data(out, self.now)
@@ -174,6 +224,7 @@ class Pair:
             out = self.r.conn.data_to_send()
             if out:
                 self.wire_r2i.append(out)
+                self.wire.append(("r2i", out))
                 if self.tamper:
                     out = self.tamper("r2i", out)
                 self.i.conn.receive_data(out, self.now)

@@ -24,7 +24,16 @@ from gateway.core.connection import (
 from gateway.core.wire import FrameBuffer, Init, RekeyInit
 from gateway.crypto import hmac_sha384, poly1305_tag
 
-from .pair import PROVIDER, FakeKme, Pair, psk_auths, seeded_rng
+from .pair import (
+    PROVIDER,
+    FakeKme,
+    Pair,
+    admit,
+    drive_admission,
+    first_frame,
+    psk_auths,
+    seeded_rng,
+)
 
 
 def frames(chunk: bytes) -> list[bytes]:
@@ -57,9 +66,9 @@ def recorded_handshake(auth: str = "psk") -> Pair:
 def test_flipped_bit_anywhere_in_handshake_message_is_rejected(auth: str, which: str) -> None:
     ref = recorded_handshake(auth)
     msg_len = {
-        "INIT": len(ref.wire_i2r[0]),
-        "RESP": len(ref.wire_r2i[0]),
-        "CONFIRM": len(frames(ref.wire_i2r[1])[0]),
+        "INIT": len(ref.wire_i2r[1]),  # [0] is HELLO, r2i [0]/[1] CHALLENGE/ADMIT (§3.5)
+        "RESP": len(ref.wire_r2i[2]),
+        "CONFIRM": len(frames(ref.wire_i2r[2])[0]),
     }[which]
     rnd = random.Random(which + auth)
     positions = sorted({*range(0, 12), *(rnd.randrange(msg_len) for _ in range(40)), msg_len - 1})
@@ -67,7 +76,7 @@ def test_flipped_bit_anywhere_in_handshake_message_is_rejected(auth: str, which:
         p = Pair(auth=auth, auths=(ref.i.conn.auth, ref.r.conn.auth))
         state = {"n": 0}
         direction = "r2i" if which == "RESP" else "i2r"
-        index = 1 if which == "CONFIRM" else 0
+        index = 2 if which in ("CONFIRM", "RESP") else 1
 
         def tamper(
             d: str,
@@ -101,8 +110,9 @@ def test_flipped_bit_anywhere_in_handshake_message_is_rejected(auth: str, which:
 
 def test_replayed_init_to_same_responder_is_refused() -> None:
     p = recorded_handshake()
-    init = p.wire_i2r[0]
+    init = first_frame(p.wire_i2r, L.FrameType.INIT)
     r2 = Connection(p.r.conn.params, p.r.conn.auth, PROVIDER, seeded_rng(77), p.assoc_r)
+    admit(r2, p.i.conn.auth, now=p.now)
     r2.receive_data(init, p.now)
     assert r2.state is State.CLOSED
     ev = r2.next_event()
@@ -114,13 +124,14 @@ def test_replayed_handshake_to_restarted_responder_gets_nothing() -> None:
     """A responder that forgot everything: the KME has no key for the replayed ID any more."""
     p = recorded_handshake()
     r2 = Connection(p.r.conn.params, p.r.conn.auth, PROVIDER, seeded_rng(78), Association())
-    r2.receive_data(p.wire_i2r[0], p.now)
+    admit(r2, p.i.conn.auth, now=p.now)
+    r2.receive_data(first_frame(p.wire_i2r, L.FrameType.INIT), p.now)
     events = []
     while (ev := r2.next_event()) is not None:
         events.append(ev)
         if type(ev).__name__ == "NeedQkdKeysById":
             r2.provide_qkd_keys(p.kme.dec_keys(ev.key_ids), p.now)  # type: ignore[union-attr]
-    for chunk in p.wire_i2r[1:]:
+    for chunk in p.wire_i2r[2:]:
         r2.receive_data(chunk, p.now)
     while (ev := r2.next_event()) is not None:
         events.append(ev)
@@ -133,12 +144,13 @@ def test_replayed_init_in_preferred_mode_cannot_complete() -> None:
     p = Pair(policy=L.QkdPolicyId.PREFERRED)
     p.handshake()
     r2 = Connection(p.r.conn.params, p.r.conn.auth, PROVIDER, seeded_rng(79), Association())
-    r2.receive_data(p.wire_i2r[0], p.now)
+    admit(r2, p.i.conn.auth, now=p.now)
+    r2.receive_data(first_frame(p.wire_i2r, L.FrameType.INIT), p.now)
     while (ev := r2.next_event()) is not None:
         if type(ev).__name__ == "NeedQkdKeysById":
             r2.provide_qkd_keys(None, p.now)
     assert r2.state is State.R_EXPECT_CONFIRM
-    r2.receive_data(frames(p.wire_i2r[1])[0], p.now)  # the old CONFIRM
+    r2.receive_data(first_frame(p.wire_i2r, L.FrameType.CONFIRM), p.now)  # the old CONFIRM
     events = []
     while (ev := r2.next_event()) is not None:
         events.append(ev)
@@ -149,7 +161,7 @@ def test_replayed_init_in_preferred_mode_cannot_complete() -> None:
 def test_reflected_init_back_to_initiator_is_refused() -> None:
     p = Pair()
     p.i.conn.start(p.now)
-    p.pump(rounds=0)
+    drive_admission(p.i.conn, p.r.conn, p.now)
     for ev in iter(p.i.conn.next_event, None):
         if type(ev).__name__ == "NeedQkdKeys":
             p.i.conn.provide_qkd_keys(p.kme.enc_keys(1), p.now)
@@ -167,7 +179,8 @@ def test_peer_claiming_our_identity_is_refused() -> None:
     ip = SessionParams(Role.INITIATOR, L.SuiteId(1), L.QkdPolicyId.OFF, peer_name="site-c")
     i = Connection(ip, mirror_a, PROVIDER, seeded_rng(2), Association())
     i.start(0)
-    r.receive_data(i.data_to_send(), 0)
+    i.receive_data(r.data_to_send(), 0)  # CHALLENGE
+    r.receive_data(i.data_to_send(), 0)  # HELLO: refused at AD3, before any INIT
     ev = r.next_event()
     assert isinstance(ev, Closed)
     assert ev.alert is L.Alert.WRONG_IDENTITY
@@ -551,7 +564,7 @@ def test_attacker_bootstrap_with_stolen_credentials_fails_under_required_qkd() -
 
 def test_unexpected_messages_in_each_state() -> None:
     p = recorded_handshake()
-    init = p.wire_i2r[0]
+    init = first_frame(p.wire_i2r, L.FrameType.INIT)
     p.i.conn.receive_data(init, p.now)  # INIT to an established initiator
     assert p.i.conn.state is State.CLOSED
     assert not p.rekeys()[0]

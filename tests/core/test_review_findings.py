@@ -14,7 +14,7 @@ from gateway.core.connection import (
 )
 from gateway.core.wire import AlertMsg
 
-from .pair import PROVIDER, Pair, seeded_rng
+from .pair import PROVIDER, Pair, admit, drive_admission, first_frame, seeded_rng
 from .test_attacks import frames
 
 
@@ -26,7 +26,9 @@ def test_rekey_resp_while_resumption_waits_for_qkd_keys_closes_cleanly() -> None
     p.pump()
     resp = next(f for c in p.wire_r2i for f in frames(c) if f[4] == L.FrameType.REKEY_RESP)
     i2 = Connection(p.i.conn.params, p.i.conn.auth, PROVIDER, seeded_rng(5), p.assoc_i)
-    i2.start(p.now)  # resumption: waits for three QKD keys
+    i2.start(p.now)
+    r2 = Connection(p.r.conn.params, p.r.conn.auth, PROVIDER, seeded_rng(6), p.assoc_r)
+    drive_admission(i2, r2, p.now)  # resumption admitted: now it waits for three QKD keys
     assert isinstance(i2.next_event(), NeedQkdKeys)
     i2.receive_data(resp, p.now)  # must not raise
     assert i2.state is State.CLOSED
@@ -44,7 +46,8 @@ def test_replayed_rekey_init_on_new_connection_is_refused_and_chains_stay_equal(
     held = p.r.conn.data_to_send()  # R's REKEY_RESP, held back by the attacker
     # the attacker replays the same REKEY_INIT on a second connection to R
     r2 = Connection(p.r.conn.params, p.r.conn.auth, PROVIDER, seeded_rng(9), p.assoc_r)
-    r2.receive_data(replay, p.now)
+    admit(r2, p.i.conn.auth, p.assoc_i, p.now)  # the attacker cannot do this (chain key) ...
+    r2.receive_data(replay, p.now)  # ... but even an admitted connection refuses the replay
     assert r2.state is State.CLOSED
     ev = [e for e in iter(r2.next_event, None) if isinstance(e, Closed)]
     assert ev[0].alert is L.Alert.REPLAY
@@ -113,7 +116,8 @@ def test_alert_reason_sent_to_peer_reveals_nothing() -> None:
     p = Pair()
     p.handshake()
     r2 = Connection(p.r.conn.params, p.r.conn.auth, PROVIDER, seeded_rng(1), p.assoc_r)
-    r2.receive_data(p.wire_i2r[0], p.now)  # replayed INIT
+    admit(r2, p.i.conn.auth, now=p.now)
+    r2.receive_data(first_frame(p.wire_i2r, L.FrameType.INIT), p.now)  # replayed INIT
     sent = r2.data_to_send()
     msg = AlertMsg.decode(sent[5:])
     assert msg.reason == "replay"

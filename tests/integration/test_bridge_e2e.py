@@ -236,7 +236,11 @@ def test_oversize_payload_is_dropped_and_counted(sites: TwoSites) -> None:
     t = uid()
     before = (
         sites.metric(
-            "a", "qgw_messages_dropped_total", rule="0", direction="out", reason="oversize"
+            "a",
+            "qgw_messages_dropped_total",
+            rule="out:a-out/up/#",
+            direction="out",
+            reason="oversize",
         )
         or 0.0
     )
@@ -252,7 +256,7 @@ def test_oversize_payload_is_dropped_and_counted(sites: TwoSites) -> None:
         "qgw_messages_dropped_total",
         lambda v: v == before + 1,
         timeout=10,
-        rule="0",
+        rule="out:a-out/up/#",
         direction="out",
         reason="oversize",
     )

@@ -262,7 +262,7 @@ def test_metrics_parse_and_counters_move(two_sites: SitesFactory) -> None:
                 assert r.status == 200
 
     def sent(site: str, direction: str, result: str) -> float:
-        return s.metric(site, "qgw_messages_total", rule="0", direction=direction, result=result)
+        return s.metric(site, "qgw_messages_total", rule="demo", direction=direction, result=result)
 
     assert sent("a", "out", "forwarded") == 0
     assert sent("b", "in", "delivered") == 0
@@ -292,23 +292,33 @@ def test_metrics_parse_and_counters_move(two_sites: SitesFactory) -> None:
         "a",
         "qgw_messages_total",
         lambda v: v == n_ab,
-        rule="0",
+        rule="demo",
         direction="out",
         result="forwarded",
     )
     s.wait_metric(
-        "b", "qgw_messages_total", lambda v: v == n_ab, rule="0", direction="in", result="delivered"
+        "b",
+        "qgw_messages_total",
+        lambda v: v == n_ab,
+        rule="demo",
+        direction="in",
+        result="delivered",
     )
     s.wait_metric(
         "b",
         "qgw_messages_total",
         lambda v: v == n_ba,
-        rule="0",
+        rule="demo",
         direction="out",
         result="forwarded",
     )
     s.wait_metric(
-        "a", "qgw_messages_total", lambda v: v == n_ba, rule="0", direction="in", result="delivered"
+        "a",
+        "qgw_messages_total",
+        lambda v: v == n_ba,
+        rule="demo",
+        direction="in",
+        result="delivered",
     )
     for site in ("a", "b"):
         assert s.metric(site, "qgw_messages_total", result="dropped") == 0

@@ -17,6 +17,7 @@ from gateway.errors import KeyNotFound, KmeUnauthorized
 from keysource.base import KeySource
 from keysource.etsi014 import Etsi014Client, RetryPolicy
 from keysource.simulator import NodeKeySource, SimulatorRunner
+from keysource.skip import SkipClient
 from keysource.static import StaticKeySource
 from keysource.tls import client_context
 from tests.support.kme import KmeSetup, write_kme_setup
@@ -31,7 +32,11 @@ LINK = {
     "qber": 0.02,
 }
 KEYS_PER_SECOND = 10
-FAST_RETRY = RetryPolicy(base_seconds=0.005, cap_seconds=0.02, deadline_seconds=0.3, max_attempts=4)
+# Fast back-off, few attempts (exhaustion fails within 4 quick tries); a generous deadline so a
+# loaded machine (slow TLS handshakes under 16 concurrent calls) does not fail the suite.
+FAST_RETRY = RetryPolicy(
+    base_seconds=0.005, cap_seconds=0.02, deadline_seconds=10.0, max_attempts=4
+)
 
 
 class FakeClock:
@@ -54,6 +59,9 @@ class Harness:
     runner: SimulatorRunner | None = None
     setup: KmeSetup | None = None
     extra: list[KeySource] = field(default_factory=list)
+    # ETSI 014 dec_keys is all-or-nothing; SKIP fetches one ID per request (docs/keysource.md).
+    atomic_dec_keys: bool = True
+    client_cls: type[Etsi014Client] = Etsi014Client  # what h.client() builds, on which port
 
     def advance(self, seconds: float) -> None:
         self.clock.t += seconds
@@ -65,8 +73,9 @@ class Harness:
 
     def client(self, ctx: ssl.SSLContext, kme: str = "A", sae: str = "sae-a") -> Etsi014Client:
         assert self.runner is not None
-        _, port = self.runner.endpoints[kme].api
-        c = Etsi014Client(f"https://127.0.0.1:{port}", sae, ctx, retry=FAST_RETRY)
+        ep = self.runner.endpoints[kme]
+        port = ep.api[1] if self.client_cls is Etsi014Client else _skip_port(ep.skip)
+        c = self.client_cls(f"https://127.0.0.1:{port}", sae, ctx, retry=FAST_RETRY)
         self.extra.append(c)
         return c
 
@@ -132,8 +141,42 @@ async def etsi014_harness(tmp: Path) -> Harness:
     )
 
 
+def _skip_port(ep: tuple[str, int] | None) -> int:
+    assert ep is not None, "the simulator does not serve SKIP (skip_listen unset)"
+    return ep[1]
+
+
+async def skip_harness(tmp: Path) -> Harness:
+    """The SKIP client talking to the simulator's SKIP API over real mutual TLS."""
+    setup = write_kme_setup(tmp, LINK, zero_ports=True)
+    clock = FakeClock()
+    runner = SimulatorRunner(setup.config, "both", clock)
+    await runner.start()
+
+    def client(kme: str, sae: str) -> SkipClient:
+        cert, key = setup.sae(sae)
+        port = _skip_port(runner.endpoints[kme].skip)
+        ctx = client_context(cert, key, setup.ca)
+        return SkipClient(f"https://127.0.0.1:{port}", sae, ctx, retry=FAST_RETRY)
+
+    return Harness(
+        "skip",
+        client("A", "sae-a"),
+        client("B", "sae-b"),
+        client("B", "sae-c"),
+        has_link=True,
+        wrong_sae_error=KmeUnauthorized,
+        clock=clock,
+        runner=runner,
+        setup=setup,
+        atomic_dec_keys=False,
+        client_cls=SkipClient,
+    )
+
+
 FACTORIES: dict[str, Callable[..., Any]] = {
     "static": static_harness,
     "simulator": simulator_harness,
     "etsi014": etsi014_harness,
+    "skip": skip_harness,
 }

@@ -43,7 +43,17 @@ def test_gys_max_distance_is_142_km_as_published() -> None:
 
 def test_toeplitz_fft_matches_dense_matrix() -> None:
     rng = np.random.default_rng(7)
-    for n, m in [(1, 1), (17, 5), (1000, 333), (4096, 2000)]:
+    # m <= 128: row by row on packed bytes (tags); larger m: FFT convolution (PA)
+    for n, m in [
+        (1, 1),
+        (17, 5),
+        (1000, 50),
+        (999, 128),
+        (1000, 129),
+        (1000, 333),
+        (4096, 2000),
+        (4096, 4096),
+    ]:
         x = rng.integers(0, 2, n, dtype=np.uint8)
         seed = rng.integers(0, 2, n + m - 1, dtype=np.uint8)
         assert np.array_equal(toeplitz_hash(x, seed, m), toeplitz_dense(x, seed, m))

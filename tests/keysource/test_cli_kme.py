@@ -24,7 +24,7 @@ pytestmark = pytest.mark.timeout(120)
 
 def init_demo(tmp_path: Path) -> KmeSetup:
     d = tmp_path / "demo"
-    r = run_qgw("init-demo", str(d))
+    r = run_qgw("init-demo", str(d), "--link-model", "rate")  # rate: admin changes act at once
     assert r.returncode == 0, r.stderr
     return KmeSetup(d, d / "kme.toml", load_kme_config(d / "kme.toml"))
 

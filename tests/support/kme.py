@@ -80,7 +80,7 @@ def write_kme_setup(
         data["link"].update(link)
     if zero_ports:
         for k in ("kme_a", "kme_b"):
-            for f in ("listen", "admin_listen", "sync_listen"):
+            for f in ("listen", "admin_listen", "sync_listen", "skip_listen"):
                 data[k][f] = "127.0.0.1:0"
     path.write_text(to_toml(data))
     return KmeSetup(root, path, load_kme_config(path))

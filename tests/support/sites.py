@@ -319,6 +319,11 @@ class TwoSites:
     env: dict[str, str] = field(default_factory=dict)
     site_env: dict[str, dict[str, str]] = field(default_factory=dict)
     kme_hosts: tuple[str, ...] = ()
+    #: how the gateways fetch keys from the simulator: "etsi014" or "skip" (init-demo's
+    #: --key-source); QGW_TEST_KEY_SOURCE=skip runs every integration test over SKIP
+    key_source: str = field(
+        default_factory=lambda: os.environ.get("QGW_TEST_KEY_SOURCE", "etsi014")
+    )
     demo: DemoResult = field(init=False)
     brokers: dict[str, Mosquitto] = field(init=False, default_factory=dict)
     _procs: dict[str, _Proc] = field(init=False, default_factory=dict)
@@ -328,7 +333,7 @@ class TwoSites:
     def __post_init__(self) -> None:
         self.root = Path(self.root)
         find_mosquitto()  # fail early with install advice
-        self.demo = init_demo(self.root, kme_hosts=self.kme_hosts)
+        self.demo = init_demo(self.root, kme_hosts=self.kme_hosts, key_source=self.key_source)
         self.ports = self.demo.ports
         if self.rules:
             for site, rules in self.rules.items():
@@ -462,6 +467,17 @@ class TwoSites:
     def kill_gateway(self, site: str, sig: int = signal.SIGKILL) -> int | None:
         """Send ``sig`` (default SIGKILL) to gateway ``site`` and wait for it to exit."""
         return self._terminate(f"gateway-{site}", sig)
+
+    def signal_gateway(self, site: str, sig: int) -> None:
+        """Send ``sig`` (e.g. SIGHUP) to gateway ``site`` without waiting for anything."""
+        p = self._procs[f"gateway-{site}"]
+        assert p.proc.poll() is None, f"gateway-{site} is not running"
+        p.proc.send_signal(sig)
+
+    def gateway_log(self, site: str) -> str:
+        """The log of gateway ``site`` since its last start."""
+        p = self._procs[f"gateway-{site}"]
+        return p.log.read_text(errors="replace").rsplit("===== start", 1)[-1]
 
     def stop_gateway(self, site: str) -> int | None:
         """Graceful stop (SIGTERM); returns the exit code."""

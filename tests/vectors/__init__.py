@@ -4,6 +4,10 @@ Every file is ``{"source": "...", "notes": "...", "vectors": [...]}``; byte stri
 lowercase hex. ``source`` names the RFC section, the specification, or for recorded vectors
 "recorded, seed = ..." with the implementation that produced them (pyca
 ``load_vectors_from_file`` is the model).
+
+Recorded files are rewritten by their generators: ``python -m tests.vectors.make_key_schedule``
+(key_schedule.json) and ``python -m tests.vectors.make_transcripts`` (transcripts.json, every
+frame of whole sessions; its format is docs/protocol.md section 12).
 """
 
 from __future__ import annotations
