@@ -49,7 +49,7 @@ SPIN_RUNS = [
     ("S-SANITY-NO-NEXT", ["-DNO_NEXT"], "counterexample"),
     ("S-SANITY-FORGET-NEXT", ["-DFORGET_NEXT"], "counterexample"),
 ]
-PROVERIF_TIMEOUT = 1800.0
+PROVERIF_TIMEOUT = 3600.0
 # ProVerif's full output (attack traces included) goes here, outside the repository.
 LOGS = Path(tempfile.gettempdir()) / "qgw-proverif-logs"
 SPIN_TIMEOUT = 300.0
