@@ -36,6 +36,7 @@ PROVERIF_DIR = HERE / "proverif"
 LIB = "qgw.pvl"
 # The model files, in the order the README's table lists them.
 PROVERIF_MODELS = [
+    "bootstrap_pki.pv",
     "bootstrap_psk.pv",
     "sanity_nosig.pv",
     "rekey.pv",
