@@ -37,6 +37,7 @@ LIB = "qgw.pvl"
 # The model files, in the order the README's table lists them.
 PROVERIF_MODELS = [
     "bootstrap_pki.pv",
+    "bootstrap_pki_auth.pv",
     "bootstrap_psk.pv",
     "sanity_nosig.pv",
     "rekey.pv",
