@@ -25,6 +25,8 @@ if command -v dpkg >/dev/null 2>&1; then
         dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
     done
 fi
+# formal/spin/epochs.pml is model-checked in the tests (its verifier is compiled with gcc above)
+command -v spin >/dev/null 2>&1 || need_apt+=(spin)
 if [ "${#need_apt[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "setup: please install: ${need_apt[*]} (sudo apt-get install ${need_apt[*]})" >&2
