@@ -206,3 +206,57 @@ async def test_frodokem_suite_handshake_rekey_and_traffic(tmp_path: Path, auth: 
     if KemAlg.FRODOKEM976AES.value not in oqs_p.kem_algorithms():
         pytest.skip("this liboqs build does not enable FrodoKEM-976-AES")
     await _run_pair(tmp_path, (oqs_p, oqs_p), auth, FRODO)
+
+
+# --- suite 0x03 key-schedule vector (docs/protocol.md §4), independent HMAC -------------------
+
+VECTOR = {
+    "S0": "382f438a61466ceda447f15bf7b46e071d7d670a8ea6396991ddc28521fb259d04c5a172a09f6412c6d958af9cfb4575",
+    "S1": "95ec8c35a228fcd469fc7f54d897a4fae2b0d59beb5f4274676443fc58a01c1710a65690a253eca98428708ae6909de1",
+    "S2": "064aa54781b0f654f5176edccb2a65cec1e36e730be0d5503e80c54d113bbb8a5633d34de44c1fc4fbda6f38b13d8cd5",
+    "S3": "8510098005d9b79b2c1ff6f8a969d5a6f072e0c638a6eff48fd14f25bcfdb60a1b38a6d945cd0e0bf321e049080dac34",
+    "R0": "24759020fdb06b2fc594f1cf78f54acbf2f898f18c591c13e36790782cfde3b5fb8cd6b051c25b24e05b6f6b0a75a4e0",
+    "R1": "96301f7043c19b4ca3c6d5e542177c7b41725114126255b78fa9e96bffa4d066d66a1dfd2d221864ee180648aa27e16a",
+    "R2": "60df3403ff40b37c7c827e0c9569d76731ce1b209b30d050203b589f4129b18e47732da1042b77cad8bb938b3c1f1155",
+}
+
+
+def _ref_schedule() -> dict[str, bytes]:
+    import hashlib
+    import hmac
+    import struct
+
+    def ext(salt: bytes, ikm: bytes) -> bytes:
+        return hmac.new(salt, ikm, hashlib.sha384).digest()
+
+    def derive(s: bytes) -> bytes:  # Expand(S, "derived", "", 48): one HKDF-Expand block
+        info = struct.pack(">H", 48) + bytes([len(b"qgw1 derived")]) + b"qgw1 derived" + b"\x00"
+        return hmac.new(s, info + b"\x01", hashlib.sha384).digest()
+
+    proto = hashlib.sha384(b"qgw/1 ML-KEM+X25519+QKD HKDF-SHA384 AES-256-GCM").digest()
+    psk, qkd, ss, x = (
+        bytes(range(32)),
+        bytes(range(32, 64)),
+        bytes(range(64, 88)),
+        bytes(range(88, 120)),
+    )
+    out = {"S0": ext(proto, psk)}
+    out["S1"] = ext(derive(out["S0"]), qkd)
+    out["S2"] = ext(derive(out["S1"]), ss)
+    out["S3"] = ext(derive(out["S2"]), x)
+    out["R0"] = ext(bytes(range(120, 168)), bytes(32))
+    out["R1"] = ext(derive(out["R0"]), ss)
+    out["R2"] = ext(derive(out["R1"]), x)
+    return out
+
+
+def test_suite3_key_schedule_vector() -> None:
+    from gateway.core import schedule
+
+    ss, x = bytes(range(64, 88)), bytes(range(88, 120))
+    ours = schedule.bootstrap_secret(bytes(range(32)), bytes(range(32, 64)), ss, x)
+    ours |= schedule.rekey_secret(bytes(range(120, 168)), None, ss, x)
+    ref = _ref_schedule()
+    for name, hexval in VECTOR.items():
+        assert ours[name].hex() == hexval, name
+        assert ref[name].hex() == hexval, name
