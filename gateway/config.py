@@ -260,6 +260,10 @@ class QkdSection(Section):
 class Suite(StrEnum):
     MLKEM768_X25519 = "mlkem768-x25519-aes256gcm-sha384"
     MLKEM1024_X25519 = "mlkem1024-x25519-aes256gcm-sha384"
+    # Conservative: FrodoKEM (plain LWE, no ring/module structure) in the KEM slot. OpenSSL has
+    # no FrodoKEM, so this suite needs crypto.provider = "oqs" (liboqs). 15.6 KB key + 15.8 KB
+    # ciphertext per bootstrap and rekey.
+    FRODOKEM976AES_X25519 = "frodokem976aes-x25519-aes256gcm-sha384"
 
 
 class CryptoSection(Section):
@@ -273,6 +277,15 @@ class CryptoSection(Section):
         "pyca",
         description="PQC provider: pyca (cryptography, default) or oqs (liboqs-python, extra [oqs]).",
     )
+
+    @model_validator(mode="after")
+    def _suite_needs_provider(self) -> CryptoSection:
+        if self.suite is Suite.FRODOKEM976AES_X25519 and self.provider != "oqs":
+            raise ValueError(
+                f"crypto.suite = {self.suite.value!r} needs crypto.provider = 'oqs' "
+                "(OpenSSL, hence the pyca provider, has no FrodoKEM; see docs/crypto-providers.md)"
+            )
+        return self
 
 
 class RekeySection(Section):

@@ -78,6 +78,7 @@ WRITE_HIGH_WATER = 1 << 20  # bytes queued in the socket before send() waits (ba
 SUITE_IDS = {
     Suite.MLKEM768_X25519: L.SuiteId.MLKEM768_X25519_AES256GCM_SHA384,
     Suite.MLKEM1024_X25519: L.SuiteId.MLKEM1024_X25519_AES256GCM_SHA384,
+    Suite.FRODOKEM976AES_X25519: L.SuiteId.FRODOKEM976AES_X25519_AES256GCM_SHA384,
 }
 POLICY_IDS = {
     QkdMode.REQUIRED: L.QkdPolicyId.REQUIRED,
@@ -279,10 +280,12 @@ class _Session:
                 await asyncio.wait_for(self.writer.drain(), 2)
         except (ConnectionError, OSError) as exc:
             self.link.status.last_close = f"connection lost: {exc.__class__.__name__}"
-        except Exception:  # a bug must cost one connection, never the gateway
-            log.exception("connection aborted by an internal error")
-            self.link.status.last_close = "internal error (see log)"
-            self.link.internal_errors += 1
+        except Exception as exc:  # noqa: BLE001 -- a bug must cost one connection, never the gateway
+            self.abort_internal("session", exc)
+            with contextlib.suppress(Exception):
+                await self._handle_events()  # the Closed event: counted like any other close
+                self.flush()  # alert 19 to the peer before the socket closes
+                await asyncio.wait_for(self.writer.drain(), 2)
         finally:
             if read_task is not None:
                 read_task.cancel()
@@ -299,9 +302,9 @@ class _Session:
             if isinstance(ev, Admitted):
                 link._on_admitted(self, ev)
             elif isinstance(ev, NeedQkdKeys):
-                self._spawn(self._fetch(ev.count, None))
+                self._spawn(self._fetch(ev.count, None), "qkd_fetch")
             elif isinstance(ev, NeedQkdKeysById):
-                self._spawn(self._fetch(len(ev.key_ids), ev.key_ids))
+                self._spawn(self._fetch(len(ev.key_ids), ev.key_ids), "qkd_fetch")
             elif isinstance(ev, HandshakeComplete):
                 link._on_established(self, ev)
             elif isinstance(ev, RekeyComplete):
@@ -314,10 +317,37 @@ class _Session:
             elif isinstance(ev, Closed):
                 link._on_closed(self, ev)
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
+    def _spawn(self, coro: Awaitable[None], where: str) -> None:
+        task = asyncio.ensure_future(self._guarded(coro, where))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    async def _guarded(self, coro: Awaitable[None], where: str) -> None:
+        """Task boundary: an exception in a session task closes the connection with
+        internal_error (alert 19) and is counted -- never a silent hang until the peer's
+        handshake timeout, never an unretrieved task exception."""
+        try:
+            await coro
+        except Exception as exc:  # noqa: BLE001 -- any bug here must cost one connection
+            self.abort_internal(where, exc)
+
+    def abort_internal(self, where: str, exc: Exception) -> None:
+        """Log once (the exception's class and message: no key material reaches exceptions
+        in gateway/crypto or the core), count, send alert 19 and close."""
+        self.link.internal_errors += 1
+        log.error(
+            "connection aborted by an internal error in %s: %s: %s",
+            where,
+            exc.__class__.__name__,
+            exc,
+            exc_info=log.isEnabledFor(logging.DEBUG),
+            extra={"event": "internal_error", "reason": where},
+        )
+        self.link.status.last_close = f"internal error in {where} (see log)"
+        if not self.is_closed():
+            with contextlib.suppress(Exception):
+                self.conn.close(self.now(), L.Alert.INTERNAL_ERROR, f"internal error in {where}")
+        self.wake.set()
 
     async def _fetch(self, count: int, key_ids: tuple[str, ...] | None) -> None:
         """Answer the core's QKD request from the key source (runs beside the read loop)."""

@@ -85,6 +85,7 @@ class ContentType(IntEnum):
 class SuiteId(IntEnum):
     MLKEM768_X25519_AES256GCM_SHA384 = 0x01
     MLKEM1024_X25519_AES256GCM_SHA384 = 0x02
+    FRODOKEM976AES_X25519_AES256GCM_SHA384 = 0x03  # needs crypto.provider = "oqs"
 
 
 class AuthModeId(IntEnum):

@@ -59,6 +59,13 @@ def _fixed(ikm: bytes | None, name: str) -> bytes:
     return ikm[:32]
 
 
+def _kem_secret(ss: bytes) -> bytes:
+    """The KEM slot takes the KEM's whole shared secret: 32 bytes (ML-KEM) or 24 (FrodoKEM-976)."""
+    if len(ss) not in (24, 32):
+        raise ValueError("KEM secret must be 24 or 32 bytes")
+    return ss
+
+
 @dataclass(frozen=True, slots=True)
 class EpochKeys:
     """Traffic keys of one epoch (both directions) and the chain key for the next one."""
@@ -84,7 +91,7 @@ def bootstrap_secret(
     """KS1..KS4: returns every intermediate (for vectors); ``S3`` is the handshake secret."""
     s0 = psk_secret(psk)  # KS1
     s1 = hkdf_extract(derive(s0), _fixed(qkd, "QKD key"))  # KS2
-    s2 = hkdf_extract(derive(s1), _fixed(mlkem_ss, "ML-KEM secret"))  # KS3
+    s2 = hkdf_extract(derive(s1), _kem_secret(mlkem_ss))  # KS3
     s3 = hkdf_extract(derive(s2), _fixed(x25519_ss, "X25519 secret"))  # KS4
     return {"S0": s0, "S1": s1, "S2": s2, "S3": s3}
 
@@ -94,7 +101,7 @@ def rekey_secret(
 ) -> dict[str, bytes]:
     """RK-KS1..RK-KS3: returns every intermediate; ``R2`` is the rekey secret."""
     r0 = hkdf_extract(chain_prev, _fixed(qkd, "QKD key"))  # RK-KS1
-    r1 = hkdf_extract(derive(r0), _fixed(mlkem_ss, "ML-KEM secret"))  # RK-KS2
+    r1 = hkdf_extract(derive(r0), _kem_secret(mlkem_ss))  # RK-KS2
     r2 = hkdf_extract(derive(r1), _fixed(x25519_ss, "X25519 secret"))  # RK-KS3
     return {"R0": r0, "R1": r1, "R2": r2}
 

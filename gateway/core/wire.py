@@ -30,7 +30,7 @@ from gateway.core.labels import (
 from gateway.errors import DecodeError
 
 X25519_LEN = 32
-MAX_KEM_FIELD = 4096
+MAX_KEM_FIELD = 16384  # FrodoKEM-976: 15,632-byte key, 15,792-byte ciphertext (suite 0x03)
 MAX_AUTH_FIELD = 8192
 MAX_CERTS = 4
 MAX_CERT_LEN = 32 * 1024

@@ -41,6 +41,12 @@ POLY1305_TAG_LEN = 16
 class KemAlg(StrEnum):
     MLKEM768 = "ML-KEM-768"
     MLKEM1024 = "ML-KEM-1024"
+    # Conservative (unstructured-lattice LWE) KEM; OpenSSL has none, only the oqs provider.
+    FRODOKEM976AES = "FrodoKEM-976-AES"
+
+
+#: KEMs every provider must offer; the others need the oqs provider.
+CORE_KEMS: frozenset[KemAlg] = frozenset({KemAlg.MLKEM768, KemAlg.MLKEM1024})
 
 
 class SigAlg(StrEnum):
@@ -53,9 +59,16 @@ class SigAlg(StrEnum):
 KEM_SIZES: dict[KemAlg, tuple[int, int]] = {  # (encapsulation key, ciphertext)
     KemAlg.MLKEM768: (1184, 1088),
     KemAlg.MLKEM1024: (1568, 1568),
+    KemAlg.FRODOKEM976AES: (15632, 15792),  # FrodoKEM spec (2023, with salt); liboqs 0.16
 }
-KEM_SEED_LEN = 64  # d || z, FIPS 203 ML-KEM.KeyGen_internal
+KEM_SEED_LEN = 64  # d || z, FIPS 203 ML-KEM.KeyGen_internal (length-checked for every KEM)
 KEM_SS_LEN = 32
+#: Shared-secret length per KEM (bytes): FrodoKEM-976 yields 24 (its security level / 8).
+KEM_SS_LENS: dict[KemAlg, int] = {
+    KemAlg.MLKEM768: 32,
+    KemAlg.MLKEM1024: 32,
+    KemAlg.FRODOKEM976AES: 24,
+}
 SIG_SIZES: dict[SigAlg, tuple[int, int]] = {  # (public key, signature)
     SigAlg.MLDSA44: (1312, 2420),
     SigAlg.MLDSA65: (1952, 3309),

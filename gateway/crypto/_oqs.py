@@ -51,8 +51,10 @@ from types import ModuleType
 from typing import Any
 
 from gateway.crypto import (
+    CORE_KEMS,
     KEM_SEED_LEN,
     KEM_SIZES,
+    KEM_SS_LENS,
     SIG_SEED_LEN,
     SIG_SIZES,
     KemAlg,
@@ -69,20 +71,10 @@ INSTALL_HINT = (
 )
 PIP_HINT = "the liboqs-python module `oqs` is not installed: `pip install qgw[oqs]`"
 
-# KEMs that OpenSSL (and so pyca/cryptography) does not offer; reported when liboqs has them.
-EXTRA_KEMS: tuple[str, ...] = (
-    "FrodoKEM-640-AES",
-    "FrodoKEM-976-AES",
-    "FrodoKEM-1344-AES",
-    "FrodoKEM-976-SHAKE",
-    "HQC-128",
-    "HQC-192",
-    "HQC-256",
-    "Classic-McEliece-348864",
-    "Classic-McEliece-460896",
-    "Classic-McEliece-6688128",
-    "BIKE-L3",
-)
+# No hand list of extra algorithms: :meth:`OqsProvider.kem_algorithms` and
+# :meth:`OqsProvider.sig_algorithms` report what *this* liboqs build enables
+# (``oqs.get_enabled_kem_mechanisms()``), under liboqs' own names (``HQC-1/3/5`` since 0.15,
+# ``FrodoKEM-976-AES``, ``SLH_DSA_PURE_SHA2_128S``...).
 
 # Search switches; tests turn the system search off to simulate a machine without liboqs.
 SEARCH_SYSTEM_DIRS = True
@@ -336,13 +328,14 @@ class OqsProvider:
         self._oqs = load_oqs()
         enabled_kems = set(self._oqs.get_enabled_kem_mechanisms())
         enabled_sigs = set(self._oqs.get_enabled_sig_mechanisms())
-        missing = [a.value for a in KemAlg if a.value not in enabled_kems]
+        missing = [a.value for a in sorted(CORE_KEMS) if a.value not in enabled_kems]
         missing += [a.value for a in SigAlg if a.value not in enabled_sigs]
         if missing:
             raise ProviderUnavailable(
                 f"this liboqs lacks {', '.join(missing)} (needs liboqs >= 0.12); {INSTALL_HINT}"
             )
         self._enabled_kems = frozenset(enabled_kems)
+        self._enabled_sigs = frozenset(enabled_sigs)
         probe = self._oqs.KeyEncapsulation(KemAlg.MLKEM768.value)
         try:
             self.seeded_kem_keygen: bool = (
@@ -357,13 +350,18 @@ class OqsProvider:
     # -- KEM --------------------------------------------------------------------------------
 
     def kem_algorithms(self) -> frozenset[str]:
-        """ML-KEM-768/1024 plus the extra KEMs (FrodoKEM, HQC, McEliece...) this liboqs has."""
-        ours = {a.value for a in KemAlg} | {n for n in EXTRA_KEMS if n in self._enabled_kems}
-        return frozenset(ours)
+        """Every KEM this liboqs build enables, discovered at run time, under liboqs' names."""
+        return self._enabled_kems
+
+    def sig_algorithms(self) -> frozenset[str]:
+        """Every signature scheme this liboqs build enables (discovered at run time)."""
+        return self._enabled_sigs
 
     def kem_keygen(self, alg: KemAlg, seed: bytes) -> KemPrivateKey:
         if len(seed) != KEM_SEED_LEN:
-            raise CryptoError("ML-KEM seed must be 64 bytes")
+            raise CryptoError("KEM seed must be 64 bytes")
+        if alg not in CORE_KEMS:
+            return self._random_kem_keygen(alg)
         if not self.seeded_kem_keygen:
             raise ProviderUnavailable(
                 "this liboqs has no seeded ML-KEM keygen (needs liboqs >= 0.13, "
@@ -377,10 +375,29 @@ class OqsProvider:
             raise CryptoError(f"{alg} keygen failed") from exc
         return _OqsKemKey(alg, kem, public)
 
+    def _random_kem_keygen(self, alg: KemAlg) -> KemPrivateKey:
+        """FrodoKEM: liboqs 0.16 has no derandomised keygen for it (``length_keypair_seed``
+        is 0), so the key comes from liboqs' randomness and the caller's seed is IGNORED
+        (length-checked only), as for ML-DSA. Only this side ever holds the private key."""
+        if alg.value not in self._enabled_kems:
+            raise ProviderUnavailable(f"this liboqs build does not enable {alg}")
+        kem = self._oqs.KeyEncapsulation(alg.value)
+        try:
+            public = bytes(kem.generate_keypair())
+        except (RuntimeError, ValueError) as exc:
+            kem.free()
+            raise CryptoError(f"{alg} keygen failed") from exc
+        return _OqsKemKey(alg, kem, public)
+
     def encapsulate(self, alg: KemAlg, public: bytes) -> tuple[bytes, bytes]:
+        if alg.value not in self._enabled_kems:
+            raise ProviderUnavailable(f"this liboqs build does not enable {alg}")
         if len(public) != KEM_SIZES[alg][0]:
             raise AuthenticationError(f"{alg} encapsulation key has the wrong length")
-        return self._encaps(alg.value, public, f"{alg} encapsulation key is malformed")
+        ct, shared = self._encaps(alg.value, public, f"{alg} encapsulation key is malformed")
+        if len(ct) != KEM_SIZES[alg][1] or len(shared) != KEM_SS_LENS[alg]:
+            raise CryptoError(f"{alg}: this liboqs build has unexpected sizes")
+        return ct, shared
 
     def decapsulate(self, key: KemPrivateKey, ciphertext: bytes) -> bytes:
         if not isinstance(key, _OqsKemKey) or isinstance(key, OqsExtraKemKey):
@@ -410,7 +427,7 @@ class OqsProvider:
             raise AuthenticationError(what)
         return shared
 
-    # Extra KEMs (not in the protocol's suite menu; for experiments and benchmarks).
+    # Extra KEMs outside KemAlg (HQC, Classic McEliece...: experiments and benchmarks).
 
     def extra_kem_keygen(self, name: str) -> OqsExtraKemKey:
         """Random keygen for a KEM in :meth:`kem_algorithms` outside KemAlg."""
@@ -448,7 +465,11 @@ class OqsProvider:
 
     def sign(self, key: SigPrivateKey, message: bytes, context: bytes) -> bytes:
         if not isinstance(key, _OqsSigKey):
-            raise CryptoError("key does not belong to the oqs provider")
+            # A long-term key from a PEM file (x509.load_signing_key) is held by pyca:
+            # liboqs-python can import neither a FIPS 204 seed nor OpenSSL's PKCS#8 form.
+            # Pure ML-DSA signatures are the same whoever computes them (FIPS 204; tested
+            # across providers), so this one place signs with whichever provider holds it.
+            return _sign_with_holder(key, message, context)
         if not key._fin.alive:
             raise CryptoError("signing key was wiped")
         if len(context) > 255:
@@ -478,3 +499,9 @@ class OqsProvider:
                 return not context and bool(sig.verify(message, signature, public))
             except (RuntimeError, ValueError):
                 return False
+
+
+def _sign_with_holder(key: SigPrivateKey, message: bytes, context: bytes) -> bytes:
+    from gateway.crypto._pyca import PycaProvider  # noqa: PLC0415 -- only for PEM-loaded keys
+
+    return PycaProvider().sign(key, message, context)

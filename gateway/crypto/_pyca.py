@@ -17,7 +17,7 @@ from gateway.crypto import (
     SigAlg,
     SigPrivateKey,
 )
-from gateway.errors import AuthenticationError, CryptoError
+from gateway.errors import AuthenticationError, CryptoError, ProviderUnavailable
 
 _KEM: dict[KemAlg, tuple[Any, Any]] = {
     KemAlg.MLKEM768: (mlkem.MLKEM768PrivateKey, mlkem.MLKEM768PublicKey),
@@ -61,6 +61,11 @@ class _PycaSigKey(_PycaKey):
         self.alg = alg
 
 
+def _ours(alg: KemAlg) -> None:
+    if alg not in _KEM:
+        raise ProviderUnavailable(f"{alg} needs crypto.provider = 'oqs' (OpenSSL has no {alg})")
+
+
 class PycaProvider:
     name = "pyca"
 
@@ -70,9 +75,11 @@ class PycaProvider:
     def kem_keygen(self, alg: KemAlg, seed: bytes) -> KemPrivateKey:
         if len(seed) != KEM_SEED_LEN:
             raise CryptoError("ML-KEM seed must be 64 bytes")
+        _ours(alg)
         return _PycaKemKey(alg, _KEM[alg][0].from_seed_bytes(seed))
 
     def encapsulate(self, alg: KemAlg, public: bytes) -> tuple[bytes, bytes]:
+        _ours(alg)
         if len(public) != KEM_SIZES[alg][0]:
             raise AuthenticationError(f"{alg} encapsulation key has the wrong length")
         try:
