@@ -357,7 +357,10 @@ class Demo:
         )
 
     def suite_label(self, a: dict[str, float]) -> str:
-        base = "ML-KEM-768+X25519" if "768" in self.suite else "ML-KEM-1024+X25519"
+        if "frodokem" in self.suite:
+            base = "FrodoKEM-976-AES+X25519"
+        else:
+            base = "ML-KEM-768+X25519" if "768" in self.suite else "ML-KEM-1024+X25519"
         pqc_only = _sum(a, "qgw_qkd_mode_in_effect", "mode=pqc-only") == 1
         return base if (self.qkd_mode == "off" or pqc_only) else base + "+QKD"
 

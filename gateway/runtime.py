@@ -26,7 +26,7 @@ from gateway.bridge.bridge import Bridge
 from gateway.config import QkdMode, Role, Settings, load_settings, require_files, rule_label
 from gateway.credentials import kme_certificate_not_after, kme_tls_context, load_credentials
 from gateway.crypto import get_provider
-from gateway.errors import BrokerUnavailable, ConfigError, KeySourceError
+from gateway.errors import BrokerUnavailable, ConfigError, KeySourceError, ProviderUnavailable
 from gateway.health import HttpServer, start_http
 from gateway.link import PeerLink
 from gateway.logs import register_secret, setup_logging
@@ -70,7 +70,10 @@ class Gateway:
         self.settings = settings
         if settings.mqtt.password is not None:
             register_secret(settings.mqtt.password.get_secret_value())
-        self.provider = get_provider(settings.crypto.provider)
+        try:
+            self.provider = get_provider(settings.crypto.provider)
+        except ProviderUnavailable as exc:  # a configuration problem: restarting cannot fix it
+            raise ConfigError([("crypto.provider", str(exc))]) from None
         self.auth, own_cert = load_credentials(settings, self.provider)
         kme_tls_context(settings)  # file and TLS problems become ConfigError (exit 2), named
         self.keysource: KeySource | None = (

@@ -186,3 +186,19 @@ def test_bad_values_are_explained_in_words(site: Path) -> None:
     assert "gateway.listen: must be HOST:PORT" in r.stderr
     assert "gateway.site_id: must be 1 to 63 characters" in r.stderr
     assert "^" not in r.stderr  # no regular expression shown to the operator
+
+
+def test_missing_oqs_provider_is_a_configuration_error(site: Path) -> None:
+    from gateway.crypto import get_provider
+    from gateway.errors import ProviderUnavailable
+
+    try:
+        get_provider("oqs")
+    except ProviderUnavailable:
+        pass
+    else:
+        pytest.skip("liboqs is installed here: the provider is available")
+    r = run_qgw("run", "--config", str(site), env={"QGW_CRYPTO__PROVIDER": "oqs"}, timeout=30)
+    assert r.returncode == 2, r.stderr  # not restarted by systemd (RestartPreventExitStatus=2)
+    assert "crypto.provider" in r.stderr
+    assert "Traceback" not in r.stderr
