@@ -462,6 +462,8 @@ class _Pending(asyncio.Protocol):
         if out and not self.transport.is_closing():
             self.transport.write(out)
         closed = [e for e in iter(self.conn.next_event, None) if isinstance(e, Closed)]
+        if self.conn.stats["global_budget_refusals"]:  # AD3 refused by the global budget
+            self.link.metrics.admission_budget_refusal(self.conn.stats["global_budget_refusals"])
         self.link._pending_closed(closed[0] if closed else None)
         self.transport.close()
 
@@ -1036,7 +1038,9 @@ class PeerLink:
             self.role is CoreRole.RESPONDER and not s.authenticated and not s.established.is_set()
         )
         if self.role is CoreRole.INITIATOR and not s.established.is_set():
-            s.refused_before_admit = ev.by_peer and ev.alert is L.Alert.RATE_LIMITED
+            s.refused_before_admit = (
+                ev.by_peer and ev.alert is L.Alert.RATE_LIMITED and ev.before_admit
+            )
             self.last_load_refusal = s.refused_before_admit
         if unauthenticated and not s.admitted:
             # never a handshake: count and summarise, one log line per SUMMARY_SECONDS

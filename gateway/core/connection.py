@@ -163,6 +163,9 @@ class Closed:
     by_peer: bool
     peer_code: int | None = None  # the code of the peer's ALERT, as sent (before §8's mapping)
     refused_unconfirmed: bool = False  # initiator: the peer refused a bootstrap we had finished
+    # initiator: closed before ADMIT verified (AD5), i.e. before any QKD key was fetched; only
+    # such a load refusal (alert 17) may be retried without growing the back-off (§7)
+    before_admit: bool = False
 
 
 Event = (
@@ -232,6 +235,11 @@ class Association:
         while len(self.buckets) > 1024:
             self.buckets.popitem(last=False)
         return ok
+
+    def has_token(self, now: float, source: str = "") -> bool:
+        """Whether :meth:`take_token` would succeed now (nothing is taken)."""
+        tokens, at = self.buckets.get(source, (float(L.BOOTSTRAP_BURST), now))
+        return min(float(L.BOOTSTRAP_BURST), tokens + (now - at) * L.BOOTSTRAP_PER_SECOND) >= 1
 
     def take_global_token(self, now: float) -> bool:
         """The budget over all sources for unauthenticated (pki) bootstrap INITs (B3)."""
@@ -501,13 +509,16 @@ class Connection:
         peer_code: int | None = None,
         refused_unconfirmed: bool = False,
     ) -> None:
+        before_admit = self.state in (State.I_EXPECT_CHALLENGE, State.I_EXPECT_ADMIT)
         self.state = State.CLOSED
         self._wipe_handshake()
         for st in (self._send, self._recv, self._recv_prev, self._send_next, self._recv_next):
             if st is not None:
                 st.wipe()
         self._send = self._recv = self._recv_prev = self._send_next = self._recv_next = None
-        self._events.append(Closed(alert, reason, by_peer, peer_code, refused_unconfirmed))
+        self._events.append(
+            Closed(alert, reason, by_peer, peer_code, refused_unconfirmed, before_admit)
+        )
 
     def _wipe_handshake(self) -> None:
         self._adm.wipe()
@@ -567,6 +578,8 @@ class Connection:
             if body[:1] and body[0] != L.VERSION:
                 raise _Fail(L.Alert.UNSUPPORTED_VERSION, f"HELLO version {body[0]}")
             admit, ev = self._adm.consume_hello(Hello.decode(body), raw, self.assoc)  # AD3
+            if ev.kind is L.HelloKind.BOOTSTRAP:
+                self._charge_bootstrap(now)  # AD3: before ADMIT, so I spends no QKD key on it
             self._out += admit  # AD4
             self._events.append(ev)
             self.state = State.R_EXPECT_INIT
@@ -772,6 +785,23 @@ class Connection:
 
     # --- bootstrap: responder -----------------------------------------------------------
 
+    def _charge_bootstrap(self, now: float) -> None:
+        """AD3, bootstrap HELLO: the bootstrap budgets, charged before ADMIT is sent (§3.5).
+
+        The initiator fetches QKD key only after ADMIT, so a refusal here costs it nothing. In pki
+        the HELLO proves knowledge of public values only: its INIT's dec_keys call and ML-DSA
+        signature also come out of one budget over all source addresses. The global bucket is
+        checked first and the per-address token taken only when both have one, so a refusal by
+        the global budget does not drain the real peer's own bucket.
+        """
+        pki = self.auth.mode is L.AuthModeId.PKI
+        if not self.assoc.has_token(now, self.source):
+            raise _Fail(L.Alert.RATE_LIMITED, "too many bootstrap attempts")
+        if pki and not self.assoc.take_global_token(now):
+            self.stats["global_budget_refusals"] += 1
+            raise _Fail(L.Alert.RATE_LIMITED, "global budget for unauthenticated INITs exhausted")
+        self.assoc.take_token(now, self.source)
+
     def _consume_init(self, m: Init, raw: bytes, now: float) -> None:
         """B3 consume_init: cheap admission checks, before any KME call or signature."""
         p = self.params
@@ -806,13 +836,6 @@ class Connection:
             raise _Fail(
                 L.Alert.QKD_UNAVAILABLE, "re-bootstrap without QKD refused while a chain is live"
             )
-        if not self.assoc.take_token(now, self.source):
-            raise _Fail(L.Alert.RATE_LIMITED, "too many bootstrap attempts")
-        if self.auth.mode is L.AuthModeId.PKI and not self.assoc.take_global_token(now):
-            # pki: the INIT is not authenticated yet; its dec_keys call and ML-DSA signature
-            # come out of one budget over all source addresses (§3.4 B3).
-            self.stats["global_budget_refusals"] += 1
-            raise _Fail(L.Alert.RATE_LIMITED, "global budget for unauthenticated INITs exhausted")
         if not self.assoc.remember(self.assoc.seen_nonces, m.nonce):
             raise ReplayError("INIT nonce seen before")
         if m.qkd_offered and not self.assoc.remember(self.assoc.used_key_ids, m.qkd_key_id):

@@ -392,3 +392,42 @@ def test_responder_confirms_a_new_session_with_a_record() -> None:
         assert p.established()
         assert p.i.conn.stats["records_received"] >= 1
         assert any(f[4] == L.FrameType.RECORD for f in split_frames(p.wire_r2i))
+
+
+def test_drained_global_budget_refuses_before_admit_and_costs_the_initiator_no_qkd_key() -> None:
+    """Finding 1: pki bootstrap budgets are charged at AD3, before ADMIT. Forged bootstraps
+    from many addresses drain the global bucket; the real initiator is then refused with alert
+    17 before ADMIT (no enc_keys call), and its own per-address bucket is left untouched."""
+    p0 = Pair(auth="pki", policy=L.QkdPolicyId.PREFERRED)
+    a_i, a_r = p0.i.conn.auth, p0.r.conn.auth
+    rogue, _ = pki_auths()  # knows only the public admission keys
+    assoc_r = Association()
+    for n in range(L.GLOBAL_BOOTSTRAP_BURST):
+        att = Pair(auth="pki", policy=L.QkdPolicyId.PREFERRED, auths=(rogue, a_r),
+                   assoc_r=assoc_r, seed=100 + n)  # fmt: skip
+        att.r.conn.source = f"198.51.100.{n}"
+        att.handshake()
+    real = Pair(auth="pki", policy=L.QkdPolicyId.PREFERRED, auths=(a_i, a_r),
+                assoc_r=assoc_r, seed=7)  # fmt: skip
+    real.r.conn.source = "192.0.2.1"
+    real.handshake()
+    assert not real.i.of(NeedQkdKeys)
+    assert real.kme.delivered == []
+    (closed,) = real.i.of(Closed)
+    assert closed.alert is L.Alert.RATE_LIMITED
+    assert closed.by_peer
+    assert closed.before_admit
+    assert not any(f[4] == L.FrameType.ADMIT for f in split_frames(real.wire_r2i))
+    assert "192.0.2.1" not in assoc_r.buckets  # the global refusal took no per-address token
+
+
+def test_a_refusal_after_admit_is_not_flagged_before_admit() -> None:
+    """Finding 1: only a close before AD5 may skip the initiator's back-off (§7)."""
+    p = Pair()
+    p.i.conn.start(p.now)
+    drive_admission(p.i.conn, p.r.conn, p.now)
+    assert p.i.conn.state is not State.I_EXPECT_ADMIT  # ADMIT verified
+    p.i.conn.receive_data(AlertMsg(L.Alert.RATE_LIMITED, "rate_limited").encode(), p.now)
+    (closed,) = [e for e in iter(p.i.conn.next_event, None) if isinstance(e, Closed)]
+    assert closed.alert is L.Alert.RATE_LIMITED
+    assert not closed.before_admit

@@ -269,6 +269,41 @@ async def test_refusal_before_admit_costs_no_qkd_key_and_no_backoff(
         await server.wait_closed()
 
 
+async def test_refusal_after_admit_grows_the_backoff(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding 1: an alert 17 after ADMIT (the initiator has already fetched QKD key) is not a
+    cheap load refusal: A must back off as usual, not retry at once and burn a key each time."""
+    from gateway.core import connection as conn_mod
+
+    def refuse(self: conn_mod.Connection, *args: object) -> None:
+        raise conn_mod._Fail(L.Alert.RATE_LIMITED, "refused after ADMIT")
+
+    monkeypatch.setattr(conn_mod.Connection, "_consume_init", refuse)
+    da, db = site_pair(tmp_path, qkd_mode="preferred")
+    b = Site(db, tmp_path)
+    b.start()
+    await until(lambda: b.link.listen_port is not None)
+    a = Site(da, tmp_path)
+    calls = 0
+    enc_keys = a.keysource.enc_keys
+
+    async def counted(*args: Any, **kw: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return await enc_keys(*args, **kw)
+
+    a.keysource.enc_keys = counted  # type: ignore[method-assign]
+    a.start()
+    try:
+        await until(lambda: calls >= 1 and "rate_limited" in a.link.status.last_close, 15)
+        assert not a.link.is_up()
+        assert not a.link.last_load_refusal  # the back-off grows
+    finally:
+        await a.stop()
+        await b.stop()
+
+
 # --- log flood ---------------------------------------------------------------------------
 
 
