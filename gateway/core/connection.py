@@ -217,6 +217,10 @@ class Association:
         # bootstrap credentials cannot yield a session without QKD.
         self.rebootstrap_needs_qkd = False
         self.global_bucket = (float(L.GLOBAL_BOOTSTRAP_BURST), -1.0)
+        # responder: this process has held a chain with this peer. From then on a bootstrap must
+        # bring QKD key unless qkd = off, however old the chain (§3.4 B3, §10); forget() keeps
+        # it, only a restart clears it.
+        self.had_chain = False
 
     def remember(self, cache: collections.OrderedDict[bytes, None], item: bytes) -> bool:
         """Add ``item``; False if it was already there (replay)."""
@@ -257,6 +261,7 @@ class Association:
         self.chain = chain
         self.epoch = epoch
         self.next = None
+        self.had_chain = True
 
     def forget(self) -> None:
         """Erase the chain (peer lost its state, or shutdown)."""
@@ -625,7 +630,7 @@ class Connection:
             if qkd is None and self._rebootstrap:
                 raise _Fail(
                     L.Alert.QKD_UNAVAILABLE,
-                    "re-bootstrap without QKD refused while a chain is live",
+                    "re-bootstrap without QKD refused after a chain existed",
                 )
             if qkd is None:
                 self._qkd_missing("bootstrap")
@@ -826,15 +831,15 @@ class Connection:
             raise _Fail(L.Alert.QKD_POLICY_MISMATCH, "QKD key offered under qkd = off")
         if not m.qkd_offered and p.qkd_policy is L.QkdPolicyId.REQUIRED:
             raise _Fail(L.Alert.QKD_UNAVAILABLE, "no QKD key offered and qkd = required")
-        max_age = self.params.rekey_interval * L.REJECT_AFTER_FACTOR
-        if self.assoc.chain is not None and now - self.assoc.updated_at > max_age:
-            self.assoc.forget()  # the chain is stale: the session it belonged to has expired
-        self._rebootstrap = self.assoc.chain is not None
+        # Nothing here changes the association: the INIT is not authenticated yet. A chain is
+        # replaced only at B9, after CONFIRM verified (an old chain is not dropped here).
+        self._rebootstrap = self.assoc.had_chain
         if self._rebootstrap and not m.qkd_offered and p.qkd_policy is not L.QkdPolicyId.OFF:
-            # A live QKD-authenticated chain exists: a new bootstrap must bring a QKD key too,
-            # so that stolen bootstrap credentials alone cannot replace the session (§5).
+            # This process has held a chain with the peer: a new bootstrap must bring a QKD key
+            # too, however old that chain, so that stolen bootstrap credentials alone cannot
+            # yield a session without QKD (§3.4 B3, §10).
             raise _Fail(
-                L.Alert.QKD_UNAVAILABLE, "re-bootstrap without QKD refused while a chain is live"
+                L.Alert.QKD_UNAVAILABLE, "re-bootstrap without QKD refused after a chain existed"
             )
         if not self.assoc.remember(self.assoc.seen_nonces, m.nonce):
             raise ReplayError("INIT nonce seen before")
@@ -846,6 +851,8 @@ class Connection:
             self.state = State.R_EXPECT_QKD_KEY
             self._events.append(NeedQkdKeysById((key_id_str(m.qkd_key_id),)))  # B4
         else:
+            if p.qkd_policy is L.QkdPolicyId.PREFERRED:  # a first bootstrap without QKD (§9)
+                self._qkd_missing("bootstrap (the initiator offered no QKD key)")
             self._create_response(now)
 
     def _create_response(self, now: float) -> None:
@@ -893,7 +900,7 @@ class Connection:
             self._events.append(
                 Alarm(
                     "rebootstrap",
-                    "peer bootstrapped again although a QKD-authenticated chain existed",
+                    "peer bootstrapped again although a chain existed",
                 )
             )
         th3 = sha384(prefix + raw)

@@ -431,3 +431,52 @@ def test_a_refusal_after_admit_is_not_flagged_before_admit() -> None:
     (closed,) = [e for e in iter(p.i.conn.next_event, None) if isinstance(e, Closed)]
     assert closed.alert is L.Alert.RATE_LIMITED
     assert not closed.before_admit
+
+
+# --- a responder that has had a chain (review findings 2 and 3) ----------------------------
+
+
+def test_forged_init_after_an_outage_does_not_drop_the_chain() -> None:
+    """Finding 3: a pki INIT (public admission keys) after > 3 x interval must not make R forget
+    the chain; the real initiator still resumes afterwards."""
+    p = Pair(auth="pki", policy=L.QkdPolicyId.PREFERRED)
+    p.handshake()
+    chain, epoch = p.assoc_r.chain, p.assoc_r.epoch
+    rogue, _ = pki_auths()
+    late = p.now + p.r.conn.params.rekey_interval * L.REJECT_AFTER_FACTOR + 1
+    att = Pair(auth="pki", policy=L.QkdPolicyId.PREFERRED, auths=(rogue, p.r.conn.auth),
+               assoc_r=p.assoc_r, seed=41)  # fmt: skip
+    att.now = late
+    att.handshake()
+    assert not att.r.of(HandshakeComplete)
+    assert (p.assoc_r.chain, p.assoc_r.epoch) == (chain, epoch)
+    again = Pair(auth="pki", policy=L.QkdPolicyId.PREFERRED,
+                 auths=(p.i.conn.auth, p.r.conn.auth), assoc_i=p.assoc_i, assoc_r=p.assoc_r,
+                 kme=p.kme, seed=42)  # fmt: skip
+    again.now = late
+    again.handshake()
+    assert again.established()
+
+
+def test_bootstrap_without_qkd_is_refused_however_old_the_chain() -> None:
+    """Finding 2: a PSK thief without KME access cannot bootstrap to R under `preferred` once R
+    has held a chain, even after the chain went stale; R's first bootstrap without QKD alarms."""
+    p = Pair(policy=L.QkdPolicyId.PREFERRED)
+    p.kme.available = False  # the first bootstrap ever: accepted without QKD, but alarmed
+    p.handshake()
+    assert p.established()
+    assert any(a.kind == "qkd_unavailable" for a in p.r.of(Alarm))
+    thief = Pair(policy=L.QkdPolicyId.PREFERRED, auths=(p.i.conn.auth, p.r.conn.auth),
+                 assoc_r=p.assoc_r, seed=43)  # fmt: skip
+    thief.kme.available = False
+    thief.now = p.now + 100 * p.r.conn.params.rekey_interval
+    thief.handshake()
+    assert not thief.r.of(HandshakeComplete)
+    assert any(c.alert is L.Alert.QKD_UNAVAILABLE for c in thief.closed())
+    # with QKD key the real initiator (which lost its state) can bootstrap again, alarmed
+    back = Pair(policy=L.QkdPolicyId.PREFERRED, auths=(p.i.conn.auth, p.r.conn.auth),
+                assoc_r=p.assoc_r, seed=44)  # fmt: skip
+    back.now = thief.now
+    back.handshake()
+    assert back.established()
+    assert any(a.kind == "rebootstrap" for a in back.r.of(Alarm))
