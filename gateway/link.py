@@ -252,6 +252,7 @@ class _Session:
                     read_task = None
                     if not data:
                         self.link.status.last_close = "peer closed the TCP connection"
+                        self.conn.transport_closed(now)  # core: CLOSED (its event is not read)
                         break
                     self.last_rx = now
                     self.conn.receive_data(data, now)

@@ -155,18 +155,23 @@ class Admission:
                 chain = assoc.chain
             elif assoc.next is not None and m.epoch == assoc.next[0]:
                 chain = assoc.next[1]  # a rekey was in flight when the connection broke
-            if chain is None:
-                raise Refused(L.Alert.NO_SESSION, f"no chain for epoch {m.epoch}")
-            k_hello, k_admit = resume_keys(chain, m.epoch)
-            authenticated = True
+            # No chain for that epoch, or a proof that does not verify under it: both answer
+            # alert 16 after the same work (one HMAC), so R's epoch is no oracle, and an
+            # initiator holding another chain under the same epoch bootstraps again instead of
+            # retrying for ever (§3.5 AD3).
+            k_hello, k_admit = resume_keys(chain or bytes(L.CHAIN_LEN), m.epoch)
+            authenticated = chain is not None
+            failure = Refused(L.Alert.NO_SESSION, "no chain verifies this resume HELLO")
         else:
             k_hello, k_admit = bootstrap_keys(
                 self._mode, self._s0, m.suite, m.initiator, m.responder
             )
             authenticated = self._mode is L.AuthModeId.PSK
+            failure = Refused(L.Alert.ADMISSION_FAILED, "HELLO proof does not verify")
         cookie = self._challenge_frame[6:]
-        if not constant_time_equal(_proof(k_hello, m.core() + cookie), m.proof):
-            raise Refused(L.Alert.ADMISSION_FAILED, "HELLO proof does not verify")
+        ok = constant_time_equal(_proof(k_hello, m.core() + cookie), m.proof)
+        if not ok or (m.kind is L.HelloKind.RESUME and not authenticated):
+            raise failure
         self.kind, self.epoch = m.kind, m.epoch
         core = Admit(m.kind, m.epoch, b"").core()
         proof = _proof(k_admit, sha384(self._challenge_frame + raw) + core)

@@ -475,7 +475,21 @@ class Connection:
             self._out += self._send.seal(L.ContentType.CLOSE, bytes([alert]))
         else:
             self._out += AlertMsg(alert, reason).encode()
-        self._finish(alert, reason, by_peer=False)
+        refused = self._refused_before_confirm()  # e.g. the dead-peer timeout before R's record
+        self._finish(alert, reason, by_peer=False, refused_unconfirmed=refused)
+
+    def transport_closed(self, now: float) -> None:
+        """The TCP connection ended without an ALERT (EOF, reset): CLOSED, one Closed event.
+
+        An initiator whose bootstrap R never confirmed discards that chain, as after an ALERT
+        (§3.5, §7): a CONFIRM lost with the connection must not leave I resuming a chain R
+        does not hold.
+        """
+        if self.state is State.CLOSED:
+            return
+        refused = self._refused_before_confirm()
+        reason = "transport closed"
+        self._finish(L.Alert.CLOSE_NOTIFY, reason, by_peer=True, refused_unconfirmed=refused)
 
     @property
     def suite_name(self) -> str:

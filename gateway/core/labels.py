@@ -21,6 +21,7 @@ PSK_LEN = 32
 ADMISSION_LEN = 32
 FINISHED_LEN = 48  # HMAC-SHA384
 REKEY_MAC_LEN = 48
+CHAIN_LEN = 48  # chain key chain_e (SHA-384 hash length, §4)
 WC_TAG_LEN = 16  # Poly1305
 REKEY_QKD_KEYS = 3  # [0] schedule input, [1] pad for REKEY_INIT, [2] pad for REKEY_RESP
 BOOTSTRAP_QKD_KEYS = 1

@@ -141,7 +141,7 @@ def test_resume_hello_proves_the_chain_before_any_kme_call() -> None:
     events = list(iter(r2.next_event, None))
     assert not any(isinstance(e, Admitted | NeedQkdKeysById) for e in events)
     assert isinstance(events[-1], Closed)
-    assert events[-1].alert is L.Alert.ADMISSION_FAILED
+    assert events[-1].alert is L.Alert.NO_SESSION  # any failed resume: 16, no epoch oracle
 
 
 def test_resume_without_chain_gets_no_session_before_qkd_is_spent() -> None:
@@ -196,7 +196,7 @@ def test_hello_cannot_be_replayed_onto_another_connection() -> None:
     events = list(iter(r3.next_event, None))
     assert not any(isinstance(e, Admitted) for e in events)
     assert isinstance(events[-1], Closed)
-    assert events[-1].alert is L.Alert.ADMISSION_FAILED
+    assert events[-1].alert is L.Alert.NO_SESSION  # a resume HELLO: 16 (AD3)
 
 
 def test_forged_admit_is_refused_and_costs_no_qkd_key() -> None:
@@ -480,3 +480,50 @@ def test_bootstrap_without_qkd_is_refused_however_old_the_chain() -> None:
     back.handshake()
     assert back.established()
     assert any(a.kind == "rebootstrap" for a in back.r.of(Alarm))
+
+
+# --- every failed resume answers 16; an unconfirmed bootstrap is dropped (findings 4, 8) -----
+
+
+def test_resume_with_another_chain_under_the_same_epoch_rebootstraps() -> None:
+    """Finding 4: I and R hold different chains at epoch 0. R answers 16 (not 7), so I drops
+    its chain and bootstraps again (with QKD) instead of retrying the dead chain for ever."""
+    p = Pair(policy=L.QkdPolicyId.PREFERRED)
+    p.handshake()  # R: chain Z at epoch 0
+    i_assoc = Association()
+    q = Pair(policy=L.QkdPolicyId.PREFERRED, auths=(p.i.conn.auth, p.r.conn.auth),
+             assoc_i=i_assoc, kme=p.kme, seed=70)  # fmt: skip
+    q.handshake()  # I: chain Y at epoch 0; that responder's copy is lost
+    assert i_assoc.epoch == p.assoc_r.epoch == 0
+    assert i_assoc.chain != p.assoc_r.chain
+    t = Pair(policy=L.QkdPolicyId.PREFERRED, auths=(p.i.conn.auth, p.r.conn.auth),
+             assoc_i=i_assoc, assoc_r=p.assoc_r, kme=p.kme, seed=80)  # fmt: skip
+    t.handshake()
+    assert [c.alert for c in t.i.of(Closed)] == [L.Alert.NO_SESSION]
+    assert i_assoc.chain is None
+    assert i_assoc.rebootstrap_needs_qkd
+    u = Pair(policy=L.QkdPolicyId.PREFERRED, auths=(p.i.conn.auth, p.r.conn.auth),
+             assoc_i=i_assoc, assoc_r=p.assoc_r, kme=p.kme, seed=81)  # fmt: skip
+    u.handshake()
+    assert u.established()
+    assert i_assoc.chain == p.assoc_r.chain
+
+
+@pytest.mark.parametrize("how", ["eof", "timeout"])
+def test_bootstrap_closed_without_alert_before_r_confirms_is_dropped(how: str) -> None:
+    """Finding 4: the CONFIRM is lost with a TCP close (no ALERT) or the dead-peer timeout
+    fires before R's first record: I must not keep a chain R may not hold."""
+    p = Pair(policy=L.QkdPolicyId.PREFERRED)
+    drop = lambda way, b: b"" if way == "r2i" and b[4] == L.FrameType.RECORD else b
+    p.tamper = drop  # R's EPOCH_CONFIRM record never reaches I
+    p.handshake()
+    assert p.i.conn.state is State.ESTABLISHED
+    assert p.assoc_i.chain is not None
+    if how == "eof":
+        p.i.conn.transport_closed(p.now)
+    else:
+        p.i.conn.close(p.now, L.Alert.TIMEOUT, "peer silent")
+    (closed,) = [e for e in iter(p.i.conn.next_event, None) if isinstance(e, Closed)]
+    assert closed.refused_unconfirmed
+    assert p.assoc_i.chain is None
+    assert p.assoc_i.rebootstrap_needs_qkd
