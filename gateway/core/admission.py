@@ -6,7 +6,7 @@ cookie comes from the injected RNG. :class:`gateway.core.connection.Connection` 
 only once it is done::
 
     R -> I  CHALLENGE  version, cookie                                      AD1
-    I -> R  HELLO      version, suite, auth, policy, kind, epoch, id_i, id_r,
+    I -> R  HELLO      version, suite, auth, policy, kind, epoch, id_i, id_r, n_hello,
                        proof = HMAC(K_hello, HELLO_core || cookie)[0:32]     AD2
                                                               AD3  checks, proof (cheap)
     R -> I  ADMIT      kind, epoch, proof = HMAC(K_admit, H(CHALLENGE || HELLO) || ADMIT_core)[0:32]
@@ -181,8 +181,14 @@ class Admission:
 
     # --- initiator ---------------------------------------------------------------------
 
-    def consume_challenge(self, m: Challenge, raw: bytes, assoc: _AssociationView) -> bytes:
-        """AD2: resume when the association holds a chain, else bootstrap; returns HELLO."""
+    def consume_challenge(
+        self, m: Challenge, raw: bytes, assoc: _AssociationView, rng: Callable[[int], bytes]
+    ) -> bytes:
+        """AD2: resume when the association holds a chain, else bootstrap; returns HELLO.
+
+        ``rng`` draws n_hello: the ADMIT proof covers the whole HELLO frame, so a recorded
+        (CHALLENGE, ADMIT) pair cannot be replayed to this initiator on a new connection.
+        """
         if assoc.chain is not None:
             kind, epoch = L.HelloKind.RESUME, assoc.epoch
             k_hello, self._k_admit = resume_keys(assoc.chain, epoch)
@@ -199,6 +205,7 @@ class Admission:
             epoch=epoch,
             initiator=self._identity,
             responder=self._peer,
+            nonce=rng(L.HELLO_NONCE_LEN),
             proof=b"",
         )
         hello = dataclasses.replace(unsigned, proof=_proof(k_hello, unsigned.core() + m.cookie))

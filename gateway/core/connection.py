@@ -591,7 +591,9 @@ class Connection:
         s, role = self.state, self.params.role
         kind = self._adm.kind
         if ftype is L.FrameType.CHALLENGE and s is State.I_EXPECT_CHALLENGE:
-            self._out += self._adm.consume_challenge(Challenge.decode(body), raw, self.assoc)  # AD2
+            self._out += self._adm.consume_challenge(
+                Challenge.decode(body), raw, self.assoc, self.rng
+            )  # AD2
             self.state = State.I_EXPECT_ADMIT
         elif ftype is L.FrameType.HELLO and s is State.R_EXPECT_HELLO:
             if body[:1] and body[0] != L.VERSION:

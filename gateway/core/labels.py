@@ -49,6 +49,7 @@ GLOBAL_BOOTSTRAP_PER_SECOND = 2.0
 
 # --- pre-handshake admission (docs/protocol.md §3.5) ---
 COOKIE_LEN = 32  # CHALLENGE cookie: fresh random per TCP connection
+HELLO_NONCE_LEN = 32  # HELLO n_hello: the initiator's fresh random per connection (ADMIT freshness)
 ADMISSION_PROOF_LEN = 32  # HELLO / ADMIT proof: HMAC-SHA384 truncated to 32 bytes
 
 

@@ -63,7 +63,7 @@ def test_admission_frames_round_trip(
 ) -> None:
     if kind is L.HelloKind.BOOTSTRAP:
         epoch = 0
-    h = Hello(1, 2, 1, kind, epoch, name, "peer", proof)
+    h = Hello(1, 2, 1, kind, epoch, name, "peer", bytes(range(32)), proof)
     assert Hello.decode(h.encode()[5:]) == h
     a = Admit(kind, epoch, proof)
     assert Admit.decode(a.encode()[5:]) == a
@@ -73,7 +73,7 @@ def test_admission_frames_round_trip(
 
 
 def test_bootstrap_hello_with_an_epoch_is_a_decode_error() -> None:
-    raw = Hello(1, 1, 2, L.HelloKind.RESUME, 7, "a", "b", bytes(32)).encode()
+    raw = Hello(1, 1, 2, L.HelloKind.RESUME, 7, "a", "b", bytes(32), bytes(32)).encode()
     body = bytearray(raw[5:])
     body[4] = L.HelloKind.BOOTSTRAP
     with pytest.raises(DecodeError):
@@ -137,7 +137,10 @@ def test_resume_hello_proves_the_chain_before_any_kme_call() -> None:
         peer_name="site-b",
         s0=schedule.psk_secret(None),
     )
-    r2.receive_data(adm.consume_challenge(Challenge.decode(challenge[5:]), challenge, fake), p.now)
+    r2.receive_data(
+        adm.consume_challenge(Challenge.decode(challenge[5:]), challenge, fake, seeded_rng(12)),
+        p.now,
+    )
     events = list(iter(r2.next_event, None))
     assert not any(isinstance(e, Admitted | NeedQkdKeysById) for e in events)
     assert isinstance(events[-1], Closed)
@@ -284,7 +287,7 @@ def test_hello_mismatch_alerts(field: str) -> None:
     r2 = Connection(p.r.conn.params, p.r.conn.auth, PROVIDER, seeded_rng(18), Association())
     r2.data_to_send()
     values = {"suite": 2, "auth_mode": 1, "qkd_policy": 0, "responder": "site-x"}
-    h = Hello(1, 2, 2, L.HelloKind.BOOTSTRAP, 0, "site-a", "site-b", bytes(32))
+    h = Hello(1, 2, 2, L.HelloKind.BOOTSTRAP, 0, "site-a", "site-b", bytes(32), bytes(32))
     r2.receive_data(dataclasses.replace(h, **{field: values[field]}).encode(), p.now)
     closed = [e for e in iter(r2.next_event, None) if isinstance(e, Closed)]
     assert closed[0].alert is expect
@@ -295,7 +298,7 @@ def test_hello_with_another_version_gets_alert_2() -> None:
     r2 = Connection(p.r.conn.params, p.r.conn.auth, PROVIDER, seeded_rng(19), Association())
     r2.data_to_send()
     raw = bytearray(
-        Hello(1, 1, 2, L.HelloKind.BOOTSTRAP, 0, "site-a", "site-b", bytes(32)).encode()
+        Hello(1, 1, 2, L.HelloKind.BOOTSTRAP, 0, "site-a", "site-b", bytes(32), bytes(32)).encode()
     )
     raw[5] = 2
     r2.receive_data(bytes(raw), p.now)
@@ -527,3 +530,35 @@ def test_bootstrap_closed_without_alert_before_r_confirms_is_dropped(how: str) -
     assert closed.refused_unconfirmed
     assert p.assoc_i.chain is None
     assert p.assoc_i.rebootstrap_needs_qkd
+
+
+def test_recorded_challenge_and_admit_do_not_replay_to_the_initiator() -> None:
+    """Finding 7: HELLO carries n_hello, so a recorded (CHALLENGE, ADMIT) pair fails AD5 on a
+    new connection (even with the very same initiator RNG otherwise) and costs no QKD key."""
+    p = Pair(policy=L.QkdPolicyId.PREFERRED)
+    p.handshake()  # recorded: a psk bootstrap
+    frames = split_frames(p.wire_r2i)
+    challenge = next(f for f in frames if f[4] == L.FrameType.CHALLENGE)
+    admit_frame = next(f for f in frames if f[4] == L.FrameType.ADMIT)
+    i = Connection(p.i.conn.params, p.i.conn.auth, PROVIDER, seeded_rng(99), Association())
+    i.start(0.0)
+    i.receive_data(challenge, 0.0)
+    assert i.data_to_send()[4] == L.FrameType.HELLO
+    i.receive_data(admit_frame, 0.0)
+    events = list(iter(i.next_event, None))
+    assert not any(isinstance(e, NeedQkdKeys) for e in events)
+    assert [e.alert for e in events if isinstance(e, Closed)] == [L.Alert.ADMISSION_FAILED]
+
+
+def test_hello_nonce_is_covered_by_the_hello_proof() -> None:
+    """Finding 7: n_hello is part of HELLO_core: a HELLO with n_hello changed is refused."""
+    p = Pair()
+    i = Connection(p.i.conn.params, p.i.conn.auth, PROVIDER, seeded_rng(5), Association())
+    i.start(0.0)
+    r = Connection(p.r.conn.params, p.r.conn.auth, PROVIDER, seeded_rng(6), Association())
+    i.receive_data(r.data_to_send(), 0.0)
+    hello = bytearray(i.data_to_send())
+    hello[-33] ^= 1  # the last byte of n_hello (the 32-byte proof follows it)
+    r.receive_data(bytes(hello), 0.0)
+    closed = [e for e in iter(r.next_event, None) if isinstance(e, Closed)]
+    assert [c.alert for c in closed] == [L.Alert.ADMISSION_FAILED]
