@@ -385,7 +385,11 @@ class Connection:
         self.state = State.I_EXPECT_CHALLENGE  # AD1..AD5 come first (§3.5)
 
     def _begin(self, now: float) -> None:
-        if self.assoc.chain is not None:
+        """AD5 passed: continue with what was admitted (the HELLO's kind and epoch), not with
+        whatever the association holds now."""
+        if self._adm.kind is L.HelloKind.RESUME:
+            if self.assoc.chain is None or self.assoc.epoch != self._adm.epoch:
+                raise _Fail(L.Alert.INTERNAL_ERROR, "the admitted chain is gone")
             self.resumed = True
             self.state = State.I_EXPECT_REKEY_RESP
             self._start_rekey(now)
@@ -591,6 +595,8 @@ class Connection:
         s, role = self.state, self.params.role
         kind = self._adm.kind
         if ftype is L.FrameType.CHALLENGE and s is State.I_EXPECT_CHALLENGE:
+            if body[:1] and body[0] != L.VERSION:  # §3.5: before decoding anything else
+                raise _Fail(L.Alert.UNSUPPORTED_VERSION, f"CHALLENGE version {body[0]}")
             self._out += self._adm.consume_challenge(
                 Challenge.decode(body), raw, self.assoc, self.rng
             )  # AD2
@@ -625,7 +631,11 @@ class Connection:
                 or (s is State.ESTABLISHED and self.rekey_phase is RekeyPhase.IDLE)
             )
         ):
-            self._consume_rekey_init(RekeyInit.decode(body), raw, now)
+            rk = RekeyInit.decode(body)
+            if s is State.R_EXPECT_INIT and rk.epoch != self._adm.epoch + 1:
+                # §3.5 AD4: a resume admission for epoch e admits REKEY_INIT for e + 1 only
+                raise _Fail(L.Alert.UNEXPECTED_MESSAGE, "REKEY_INIT is not for the admitted epoch")
+            self._consume_rekey_init(rk, raw, now)
         elif ftype is L.FrameType.REKEY_RESP and self.rekey_phase is RekeyPhase.EXPECT_REKEY_RESP:
             self._consume_rekey_response(RekeyResp.decode(body), raw, now)
         else:

@@ -562,3 +562,56 @@ def test_hello_nonce_is_covered_by_the_hello_proof() -> None:
     r.receive_data(bytes(hello), 0.0)
     closed = [e for e in iter(r.next_event, None) if isinstance(e, Closed)]
     assert [c.alert for c in closed] == [L.Alert.ADMISSION_FAILED]
+
+
+def test_challenge_with_another_version_gets_alert_2() -> None:
+    """Finding 10: the version byte of CHALLENGE is checked before decoding (§3.5)."""
+    p = Pair()
+    i = Connection(p.i.conn.params, p.i.conn.auth, PROVIDER, seeded_rng(5), Association())
+    i.start(0.0)
+    raw = bytearray(Challenge(bytes(32)).encode())
+    raw[5] = 2
+    i.receive_data(bytes(raw), 0.0)
+    closed = [e for e in iter(i.next_event, None) if isinstance(e, Closed)]
+    assert [c.alert for c in closed] == [L.Alert.UNSUPPORTED_VERSION]
+
+
+def _rekey_in_flight() -> Pair:
+    """I is on epoch 1 (saw REKEY_RESP); R is on epoch 0 with epoch 1 waiting in `next`."""
+    p = Pair()
+    p.handshake()
+    p.i.conn.rekey_now(p.now)
+    for ev in iter(p.i.conn.next_event, None):
+        if isinstance(ev, NeedQkdKeys):
+            p.i.conn.provide_qkd_keys(p.kme.enc_keys(ev.count), p.now)
+    p.r.conn.receive_data(p.i.conn.data_to_send(), p.now)
+    for ev in iter(p.r.conn.next_event, None):
+        if isinstance(ev, NeedQkdKeysById):
+            p.r.conn.provide_qkd_keys(p.kme.dec_keys(ev.key_ids), p.now)
+    p.i.conn.receive_data(p.r.conn.data_to_send(), p.now)
+    p.i.conn.data_to_send()
+    assert p.assoc_r.next is not None
+    return p
+
+
+def test_rekey_init_must_follow_the_admitted_epoch() -> None:
+    """Finding 9: a resume admitted for epoch 0 accepts REKEY_INIT for epoch 1 only, not a
+    REKEY_INIT for next + 1 = 2 that R would otherwise take."""
+    p = _rekey_in_flight()
+    stale = Association()
+    stale.set_chain(0, p.assoc_r.chain)  # type: ignore[arg-type]
+    r2 = Connection(p.r.conn.params, p.r.conn.auth, PROVIDER, seeded_rng(21), p.assoc_r)
+    admit(r2, p.i.conn.auth, stale, p.now)  # admitted: resume at epoch 0
+    # the real initiator (epoch 1) builds REKEY_INIT for epoch 2 on another connection
+    i3 = Connection(p.i.conn.params, p.i.conn.auth, PROVIDER, seeded_rng(22), p.assoc_i)
+    i3.start(p.now)
+    r3 = Connection(p.r.conn.params, p.r.conn.auth, PROVIDER, seeded_rng(23), p.assoc_r)
+    drive_admission(i3, r3, p.now)
+    for ev in iter(i3.next_event, None):
+        if isinstance(ev, NeedQkdKeys):
+            i3.provide_qkd_keys(p.kme.enc_keys(ev.count), p.now)
+    rekey_init = first_frame([i3.data_to_send()], L.FrameType.REKEY_INIT)
+    r2.receive_data(rekey_init, p.now)
+    events = list(iter(r2.next_event, None))
+    assert not any(isinstance(e, NeedQkdKeysById) for e in events)
+    assert [e.alert for e in events if isinstance(e, Closed)] == [L.Alert.UNEXPECTED_MESSAGE]
