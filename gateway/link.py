@@ -18,6 +18,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import ipaddress
 import logging
 import os
 import random
@@ -45,6 +46,7 @@ from gateway.core.connection import (
     State,
 )
 from gateway.core.connection import Role as CoreRole
+from gateway.core.wire import AlertMsg
 from gateway.crypto import Provider
 from gateway.errors import (
     GatewayError,
@@ -73,7 +75,23 @@ CONNECT_ATTEMPT_SECONDS = 0.5  # initiator: first TCP connect attempt (then 1 s,
 ACCEPT_BATCH = 512  # connections accepted per readiness event of the listening socket
 SUMMARY_SECONDS = 10.0  # one log line per this many seconds about unauthenticated connections
 READ_CHUNK = 256 * 1024
+REFUSAL_ALERT = AlertMsg(L.Alert.RATE_LIMITED, "rate_limited").encode()  # pool_busy, address_cap
 WRITE_HIGH_WATER = 1 << 20  # bytes queued in the socket before send() waits (backpressure)
+
+
+def source_key(host: str) -> str:
+    """The unit of the per-address limits (pool, bootstrap bucket, trusted list, §7): the IPv4
+    address, or the /64 of an IPv6 address (one host usually holds a whole /64)."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
 
 SUITE_IDS = {
     Suite.MLKEM768_X25519: L.SuiteId.MLKEM768_X25519_AES256GCM_SHA384,
@@ -475,7 +493,6 @@ class _Pending(asyncio.Protocol):
         self._done = True
         self._cancel()
         link = self.link
-        link._pool_remove(self)
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=READ_CHUNK * 2, loop=loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
@@ -485,6 +502,7 @@ class _Pending(asyncio.Protocol):
         s = _Session(link, self.conn, reader, writer)
         s.source = self.source
         s.admitted = True
+        link._pool_swap(self, s)  # keeps its place; leaves the pool at AD4 if authenticated
         task = asyncio.ensure_future(link._serve_admitted(s))
         link._sessions.add(task)
         task.add_done_callback(link._sessions.discard)
@@ -771,9 +789,14 @@ class PeerLink:
                 except OSError as exc:  # EMFILE and friends: counted in the summary, retried
                     self.closed_summary.add(f"accept_{exc.__class__.__name__}")
                     return
-                source = str(addr[0]) if isinstance(addr, tuple) and addr else ""
+                source = source_key(str(addr[0])) if isinstance(addr, tuple) and addr else ""
                 reason = "shutdown" if self._stopping else self._room_for(source)
                 if reason:
+                    if reason != "shutdown":
+                        # alert 17 before any CHALLENGE: the real initiator retries soon
+                        # without growing its back-off (§7); one send() on an empty buffer
+                        with contextlib.suppress(OSError):
+                            os.write(fd, REFUSAL_ALERT)
                     os.close(fd)
                     refused[reason] += 1
                     continue
@@ -799,6 +822,11 @@ class PeerLink:
             self._pending[p] = None
             self._pending_by_source[p.source] += 1
             self.metrics.set_pending_connections(len(self._pending))
+
+    def _pool_swap(self, old: _Pending, new: _Session) -> None:
+        """``new`` takes ``old``'s slot in the pending pool, in the same place of the order."""
+        if old in self._pending:
+            self._pending = dict.fromkeys(new if p is old else p for p in self._pending)
 
     def _pool_remove(self, p: _Pending | _Session) -> None:
         if self._pending.pop(p, 0) is None:
@@ -907,10 +935,11 @@ class PeerLink:
         s.admitted = True
         self.metrics.admission(ev.kind.name.lower(), ev.authenticated)
         if ev.authenticated:
+            # A secret was proven: leave the pool. The address is trusted only once a session
+            # is established (_on_established), so a PSK alone cannot churn the trusted list.
             s.authenticated = True
-            self._trust_source(s.source)
-        else:  # pki bootstrap: public proof only; it stays evictable until the handshake ends
-            self._pool_add(s)
+            self._pool_remove(s)
+        # else pki bootstrap: public proof only; it keeps its slot (evictable) until established
 
     def _confirmed(self, s: _Session) -> None:
         """Initiator: the responder's first record of the new session arrived: count it now."""

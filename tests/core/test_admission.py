@@ -615,3 +615,16 @@ def test_rekey_init_must_follow_the_admitted_epoch() -> None:
     events = list(iter(r2.next_event, None))
     assert not any(isinstance(e, NeedQkdKeysById) for e in events)
     assert [e.alert for e in events if isinstance(e, Closed)] == [L.Alert.UNEXPECTED_MESSAGE]
+
+
+def test_alert_17_before_challenge_is_a_refusal_before_admit() -> None:
+    """Finding 5: a responder refusing at accept (pool_busy, address_cap) sends alert 17 first;
+    the initiator sees a refusal before ADMIT (no back-off growth in the shell)."""
+    p = Pair()
+    i = Connection(p.i.conn.params, p.i.conn.auth, PROVIDER, seeded_rng(5), Association())
+    i.start(0.0)
+    i.receive_data(AlertMsg(L.Alert.RATE_LIMITED, "rate_limited").encode(), 0.0)
+    (closed,) = [e for e in iter(i.next_event, None) if isinstance(e, Closed)]
+    assert closed.alert is L.Alert.RATE_LIMITED
+    assert closed.by_peer
+    assert closed.before_admit

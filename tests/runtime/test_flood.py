@@ -24,6 +24,7 @@ from gateway.link import (
     MAX_PENDING_CONNECTIONS,
     MAX_PENDING_PER_ADDRESS,
     _Pending,
+    source_key,
 )
 from tests.support.kme import KmeSetup, kme_process, write_kme_setup
 
@@ -152,6 +153,82 @@ def test_full_flat_pool_refuses_strangers_but_not_a_known_peer(tmp_path: Path) -
     link._trust_source("127.0.0.1")  # the real peer authenticated from here before
     assert link._make_room("127.0.0.1")
     assert flat[0] not in link._pending
+
+
+def test_ipv6_sources_share_the_limits_of_their_64(tmp_path: Path) -> None:
+    """Finding 5: one host usually holds a whole /64; its addresses count as one source."""
+    assert source_key("2001:db8::1") == source_key("2001:db8::ffff:1") == "2001:db8::/64"
+    assert source_key("2001:db8:0:1::1") != source_key("2001:db8::1")
+    assert source_key("::ffff:10.0.0.1") == "10.0.0.1"
+    link = _responder(tmp_path).link
+    for n in range(MAX_PENDING_PER_ADDRESS):
+        link._pool_add(_Pending(link, source_key(f"2001:db8::{n + 1:x}")))
+    assert not link._make_room(source_key("2001:db8::abcd"))  # address_cap for the /64
+    assert link._make_room(source_key("2001:db8:0:1::1"))
+
+
+class _FakeSession:
+    def __init__(self, source: str) -> None:
+        self.source, self.admitted, self.authenticated = source, False, False
+
+
+def test_an_authenticated_hello_alone_does_not_make_its_address_trusted(tmp_path: Path) -> None:
+    """Finding 6: a PSK thief's HELLOs must not churn the trusted list; only a session does."""
+    from gateway.core.admission import Admitted
+
+    link = _responder(tmp_path).link
+    s = _FakeSession("203.0.113.7")
+    link._pool_add(s)  # type: ignore[arg-type]
+    link._on_admitted(s, Admitted(L.HelloKind.BOOTSTRAP, 0, True))  # type: ignore[arg-type]
+    assert s.authenticated
+    assert s not in link._pending  # authenticated: out of the pool, never evicted
+    assert "203.0.113.7" not in link._trusted_sources
+
+
+def test_an_admitted_pki_bootstrap_keeps_its_place_in_the_pool(tmp_path: Path) -> None:
+    """Finding 12: the session takes over its pending connection's slot (order and count)."""
+    link = _responder(tmp_path).link
+    first, second = _Pending(link, "10.0.0.1"), _Pending(link, "10.0.0.2")
+    link._pool_add(first)
+    link._pool_add(second)
+    s = _FakeSession("10.0.0.1")
+    link._pool_swap(first, s)  # type: ignore[arg-type]
+    assert list(link._pending) == [s, second]
+    assert link._pending_by_source["10.0.0.1"] == 1
+
+
+async def test_a_refused_connection_gets_alert_17_before_any_challenge(tmp_path: Path) -> None:
+    """Finding 5: pool_busy / address_cap answer alert 17 (no back-off growth at the real
+    initiator, §7) instead of a bare close."""
+    b = _responder(tmp_path)
+    b.start()
+    socks: list[socket.socket] = []
+    try:
+        await until(lambda: b.link.listen_port is not None)
+        assert b.link.listen_port is not None
+        for _ in range(MAX_PENDING_PER_ADDRESS):  # fill the cap of one address
+            s = socket.socket()
+            s.bind(("127.0.6.1", 0))
+            s.connect(("127.0.0.1", b.link.listen_port))
+            socks.append(s)
+        await until(lambda: b.link._pending_by_source.get("127.0.6.1", 0) >= 8, 5)
+        s = socket.socket()
+        s.bind(("127.0.6.1", 0))
+        s.setblocking(False)
+        socks.append(s)
+        await asyncio.get_running_loop().sock_connect(s, ("127.0.0.1", b.link.listen_port))
+        fb = FrameBuffer()
+        async with asyncio.timeout(5):
+            while (f := fb.next_frame()) is None:
+                data = await asyncio.get_running_loop().sock_recv(s, 4096)
+                assert data, "closed without an alert"
+                fb.feed(data)
+        assert f[0] is L.FrameType.ALERT
+        assert AlertMsg.decode(f[1]).code == L.Alert.RATE_LIMITED
+    finally:
+        for s in socks:
+            s.close()
+        await b.stop()
 
 
 # --- the real peer through a flood ----------------------------------------------------------
