@@ -69,6 +69,8 @@ MAX_PENDING_CONNECTIONS = 64  # in all
 MAX_PENDING_PER_ADDRESS = 8  # per source address (TCP has proven it)
 HELLO_DEADLINE_SECONDS = 2.0
 PRE_HELLO_MAX_BYTES = 1024  # bytes a pending connection may send before its HELLO is valid  # from accept to a valid HELLO (the real peer needs one round trip)
+MAX_AUTH_BOOTSTRAPS = 4  # psk bootstraps admitted (PSK proven) but not established, in all
+MAX_AUTH_BOOTSTRAPS_PER_ADDRESS = 2  # ... and per source address
 TRUSTED_SOURCES = 16  # addresses that recently authenticated: evicted last when the pool is full
 LISTEN_BACKLOG = 1024  # asyncio's default of 100 overflows under a connection flood
 CONNECT_ATTEMPT_SECONDS = 0.5  # initiator: first TCP connect attempt (then 1 s, 2 s, ...)
@@ -179,6 +181,7 @@ class _Session:
         self.source = ""
         self.admitted = False  # responder: a valid HELLO arrived (AD4)
         self.authenticated = False  # responder: ... proven with the chain key or the PSK
+        self.auth_bootstrap = False  # responder: counted in PeerLink._auth_bootstraps
         self.count_ok: str | None = None  # initiator: handshake reason to count once R confirms
         self.confirmed = False  # initiator: R's first record of the session arrived
         # initiator: the "session up" log line, held until R confirms (level, args, fields)
@@ -438,7 +441,24 @@ class _Pending(asyncio.Protocol):
         if conn.state is State.CLOSED:
             self._finish()
         elif conn.state is not State.R_EXPECT_HELLO:
+            if self._over_bootstrap_cap(conn):
+                conn.data_to_send()  # drop the queued ADMIT: the refusal comes before it
+                self.link.metrics.admission_eviction("auth_cap")
+                self.close(L.Alert.RATE_LIMITED, "too many authenticated bootstraps")
+                return
             self._upgrade()
+
+    def _over_bootstrap_cap(self, conn: Connection) -> bool:
+        """A PSK-proven bootstrap HELLO is never evicted, so such connections are capped (§7)."""
+        if self.link.auth.mode is not L.AuthModeId.PSK:
+            return False
+        if conn.admitted_kind is not L.HelloKind.BOOTSTRAP:
+            return False
+        counts = self.link._auth_bootstraps
+        return (
+            sum(counts.values()) >= MAX_AUTH_BOOTSTRAPS
+            or counts[self.source] >= MAX_AUTH_BOOTSTRAPS_PER_ADDRESS
+        )
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._done:
@@ -503,6 +523,9 @@ class _Pending(asyncio.Protocol):
         s.source = self.source
         s.admitted = True
         link._pool_swap(self, s)  # keeps its place; leaves the pool at AD4 if authenticated
+        if link.auth.mode is L.AuthModeId.PSK and self.conn.admitted_kind is L.HelloKind.BOOTSTRAP:
+            s.auth_bootstrap = True
+            link._auth_bootstraps[s.source] += 1
         task = asyncio.ensure_future(link._serve_admitted(s))
         link._sessions.add(task)
         task.add_done_callback(link._sessions.discard)
@@ -549,6 +572,8 @@ class PeerLink:
         self._pending_by_source: collections.Counter[str] = collections.Counter()
         self._listen_socks: list[socket.socket] = []
         self._trusted_sources: collections.OrderedDict[str, None] = collections.OrderedDict()
+        # psk bootstraps admitted but not established, per source (capped, §7)
+        self._auth_bootstraps: collections.Counter[str] = collections.Counter()
         self.closed_summary = RateLimitedSummary(
             log, "unauthenticated connections closed", interval=SUMMARY_SECONDS
         )
@@ -841,8 +866,16 @@ class PeerLink:
             await s.run()
         finally:
             self._pool_remove(s)
+            self._release_bootstrap(s)
             if self._current is s:
                 self._lost()
+
+    def _release_bootstrap(self, s: _Session) -> None:
+        if s.auth_bootstrap:
+            s.auth_bootstrap = False
+            self._auth_bootstraps[s.source] -= 1
+            if self._auth_bootstraps[s.source] <= 0:
+                del self._auth_bootstraps[s.source]
 
     def _make_room(self, source: str) -> bool:
         """:meth:`_room_for` that counts its refusal; True if the connection may be taken."""
@@ -961,6 +994,7 @@ class PeerLink:
         old = self._current
         if self.role is CoreRole.RESPONDER:
             self._pool_remove(s)
+            self._release_bootstrap(s)
             self._trust_source(s.source)
             if old is not None and old is not s:
                 if old.conn.state is not State.CLOSED:

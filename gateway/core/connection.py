@@ -31,7 +31,7 @@ from enum import Enum, auto
 
 from gateway.core import labels as L
 from gateway.core import schedule
-from gateway.core.admission import Admission, Admitted, Refused
+from gateway.core.admission import Admission, Admitted, AdmState, Refused
 from gateway.core.auth import Authenticator, PeerIdentity
 from gateway.core.records import RecvState, SendState
 from gateway.core.wire import (
@@ -494,6 +494,11 @@ class Connection:
         refused = self._refused_before_confirm()
         reason = "transport closed"
         self._finish(L.Alert.CLOSE_NOTIFY, reason, by_peer=True, refused_unconfirmed=refused)
+
+    @property
+    def admitted_kind(self) -> L.HelloKind | None:
+        """Responder: the kind of HELLO admitted at AD4 (None before AD4)."""
+        return self._adm.kind if self._adm.state is AdmState.DONE else None
 
     @property
     def suite_name(self) -> str:

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -228,6 +229,58 @@ async def test_a_refused_connection_gets_alert_17_before_any_challenge(tmp_path:
     finally:
         for s in socks:
             s.close()
+        await b.stop()
+
+
+async def test_psk_proven_bootstraps_that_never_finish_are_capped(tmp_path: Path) -> None:
+    """Finding 6: a PSK-proven bootstrap is never evicted, so a PSK thief could hold many; past
+    MAX_AUTH_BOOTSTRAPS_PER_ADDRESS the next one gets alert 17 instead of ADMIT."""
+    from gateway.core import schedule
+    from gateway.core.admission import Admission
+    from gateway.core.connection import Association
+    from gateway.link import MAX_AUTH_BOOTSTRAPS_PER_ADDRESS
+
+    b = _responder(tmp_path)
+    b.start()
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        await until(lambda: b.link.listen_port is not None)
+        assert b.link.listen_port is not None
+        answers = []
+        for _ in range(MAX_AUTH_BOOTSTRAPS_PER_ADDRESS + 1):
+            reader, writer = await asyncio.open_connection("127.0.0.1", b.link.listen_port)
+            writers.append(writer)
+            adm = Admission(
+                initiator=True,
+                suite=b.link.params.suite,
+                auth_mode=L.AuthModeId.PSK,
+                qkd_policy=b.link.params.qkd_policy,
+                identity="site-a",
+                peer_name="site-b",
+                s0=schedule.psk_secret(b.link.auth.psk()),
+            )
+            fb = FrameBuffer()
+            frames = []
+            async with asyncio.timeout(5):
+                while len(frames) < 2:
+                    while (f := fb.next_frame()) is None:
+                        data = await reader.read(4096)
+                        assert data, "closed without a frame"
+                        fb.feed(data)
+                    frames.append(f)
+                    if f[0] is L.FrameType.CHALLENGE:
+                        hello = adm.consume_challenge(
+                            Challenge.decode(f[1]), f[2], Association(), os.urandom
+                        )
+                        writer.write(hello)
+            answers.append(frames[1][0])
+        assert answers == [L.FrameType.ADMIT] * MAX_AUTH_BOOTSTRAPS_PER_ADDRESS + [
+            L.FrameType.ALERT
+        ]
+        assert _metric(b, "qgw_admission_evictions_total", reason="auth_cap") == 1
+    finally:
+        for w in writers:
+            w.close()
         await b.stop()
 
 
