@@ -105,6 +105,15 @@ def _register_pki(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 _EXTRA_COMMANDS.append(_register_pki)
 
 
+def _register_wot(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from gateway.wot import register
+
+    register(sub)
+
+
+_EXTRA_COMMANDS.append(_register_wot)
+
+
 def _register_keysource(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from gateway.initdemo import register as init_demo
     from keysource.cli import register as kme

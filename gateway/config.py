@@ -92,17 +92,41 @@ class GatewaySection(Section):
 class AuthMode(StrEnum):
     PKI = "pki"
     PSK = "psk"
+    WOT = "wot"
+
+
+class IntroducerTrust(StrEnum):
+    FULL = "full"
+    MARGINAL = "marginal"
+
+
+# The handshake's certificate list carries at most 4 endorsements (docs/protocol.md §3.2).
+WOT_MAX_ENDORSEMENTS = 4
+
+
+class IntroducerRef(Section):
+    """wot: one introducer this gateway trusts to vouch for the peer's ML-DSA key."""
+
+    file: Path = Field(
+        ...,
+        description="The introducer's self-signed ML-DSA certificate (PEM, `qgw wot init-introducer`).",
+    )
+    trust: IntroducerTrust = Field(
+        ..., description="full: one endorsement suffices (by default); marginal: three are needed."
+    )
 
 
 class AuthSection(Section):
     """Bootstrap authentication (first handshake only; rekeys are QKD-authenticated)."""
 
     mode: AuthMode = Field(
-        AuthMode.PKI, description="pki: ML-DSA X.509 certificates; psk: pre-shared key."
+        AuthMode.PKI,
+        description="pki: ML-DSA X.509 certificates; psk: pre-shared key; wot: web of trust "
+        "(the peer's ML-DSA key endorsed by enough configured introducers).",
     )
     cert: Path | None = Field(None, description="pki: this gateway's ML-DSA certificate (PEM).")
     key: Path | None = Field(
-        None, description="pki: this gateway's ML-DSA private key (PEM, mode 0600)."
+        None, description="pki and wot: this gateway's ML-DSA private key (PEM, mode 0600)."
     )
     ca: Path | None = Field(
         None, description="pki: the site CA certificate(s) trusted for the peer (PEM)."
@@ -116,12 +140,44 @@ class AuthSection(Section):
     psk_file: Path | None = Field(
         None, description="psk: file with the 32-byte pre-shared key (mode 0600)."
     )
+    endorsements: Path | None = Field(
+        None,
+        description="wot: this gateway's endorsements (PEM, 1 to 4 certificates issued by "
+        "introducers for auth.key's public key, `qgw wot endorse`); sent to the peer.",
+    )
+    introducers: list[IntroducerRef] = Field(
+        default_factory=list,
+        description="wot: the introducers whose endorsements of the peer count, each with a trust level.",
+    )
+    full_needed: int = Field(
+        1,
+        ge=1,
+        le=WOT_MAX_ENDORSEMENTS,
+        description="wot: the peer's key is trusted when at least this many distinct full "
+        "introducers endorse it (GnuPG's completes-needed) ...",
+    )
+    marginals_needed: int = Field(
+        3,
+        ge=1,
+        le=WOT_MAX_ENDORSEMENTS,
+        description="wot: ... or when at least this many distinct introducers of any trust level "
+        "endorse it (GnuPG's marginals-needed; a full endorsement counts here too).",
+    )
+    revoked: Path | None = Field(
+        None,
+        description="wot: revocation list (one endorsement SHA-256 fingerprint per line, "
+        "`#` comments); re-read on reload (SIGHUP).",
+    )
 
     @model_validator(mode="after")
     def _mode_fields(self) -> AuthSection:
         missing: list[str] = []
         if self.mode is AuthMode.PKI:
             missing = [n for n in ("cert", "key", "ca") if getattr(self, n) is None]
+        elif self.mode is AuthMode.WOT:
+            missing = [n for n in ("key", "endorsements") if getattr(self, n) is None]
+            if not self.introducers:
+                missing.append("at least one [[auth.introducers]]")
         elif self.psk_file is None:
             missing = ["psk_file"]
         if missing:
@@ -530,6 +586,8 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
             for name in type(section).model_fields
             if isinstance(val := getattr(section, name), Path)
         }
+        if isinstance(section, AuthSection) and section.introducers:
+            updates["introducers"] = [fix(i) for i in section.introducers]
         return section.model_copy(update=updates) if updates else section
 
     return settings.model_copy(
@@ -552,7 +610,22 @@ def load_settings(path: Path | str, environ: dict[str, str] | None = None) -> Se
 
 
 # QGW_* names that are not configuration: used by the project's own scripts and tests.
-NON_CONFIG_ENV = frozenset({"QGW_UID", "QGW_GID", "QGW_ALLOW_NO_NETNS", "QGW_TEST_KEY_SOURCE"})
+NON_CONFIG_ENV = frozenset(
+    {
+        "QGW_UID",  # deploy/compose.yaml's host-side variables
+        "QGW_GID",
+        "QGW_DEMO_DIR",
+        "QGW_IMAGE",
+        "QGW_MQTT_IMAGE",
+        "QGW_MQTT_A_PORT",
+        "QGW_MQTT_B_PORT",
+        "QGW_METRICS_A_PORT",
+        "QGW_METRICS_B_PORT",
+        "QGW_HEALTH_PORT",  # the KME simulator's health listener in the containers
+        "QGW_ALLOW_NO_NETNS",  # tests
+        "QGW_TEST_KEY_SOURCE",
+    }
+)
 
 
 def unknown_env_problems(environ: dict[str, str] | os._Environ[str]) -> list[tuple[str, str]]:
@@ -622,6 +695,12 @@ def referenced_files(s: Settings) -> list[FileRef]:
         add("auth.cert", s.auth.cert, False)
         add("auth.key", s.auth.key, True)
         add("auth.ca", s.auth.ca, False)
+    elif s.auth.mode is AuthMode.WOT:
+        add("auth.key", s.auth.key, True)
+        add("auth.endorsements", s.auth.endorsements, False)
+        for n, intro in enumerate(s.auth.introducers):
+            add(f"auth.introducers[{n}].file", intro.file, False)
+        add("auth.revoked", s.auth.revoked, False)
     else:
         add("auth.psk_file", s.auth.psk_file, True)
     if s.qkd.mode is not QkdMode.OFF:

@@ -13,13 +13,21 @@ import os
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
 from gateway.config import AuthMode, QkdMode, Settings, require_files
-from gateway.core.auth import Authenticator, CertVerifier, PkiAuthenticator, PskAuthenticator
+from gateway.core.auth import (
+    Authenticator,
+    CertVerifier,
+    PkiAuthenticator,
+    PskAuthenticator,
+    WotAuthenticator,
+    WotEvaluator,
+)
 from gateway.core.labels import PSK_LEN
-from gateway.crypto import Provider, SigAlg, x509
+from gateway.crypto import Provider, SigAlg, wot, x509
 from gateway.errors import ConfigError, CryptoError
 from gateway.logs import register_secret
 
@@ -89,6 +97,8 @@ def load_credentials(
             )
         register_secret(psk)
         return PskAuthenticator(settings.gateway.site_id, psk), None
+    if a.mode is AuthMode.WOT:
+        return load_wot(settings, provider, clock), None
     assert a.cert is not None
     assert a.key is not None
     assert a.ca is not None
@@ -131,6 +141,92 @@ def load_credentials(
         clock=clock,
     )
     return authenticator, own
+
+
+@dataclass(frozen=True, slots=True)
+class WotPolicy:
+    """The configured introducers, thresholds and revocation list (re-read on every reload)."""
+
+    introducers: tuple[wot.Introducer, ...]
+    full_needed: int
+    marginals_needed: int
+    revoked: frozenset[str]
+
+
+def load_wot_policy(settings: Settings) -> WotPolicy:
+    """Read ``[[auth.introducers]]`` and ``auth.revoked``; one introducer key listed twice is an error."""
+    a = settings.auth
+    intros: list[wot.Introducer] = []
+    seen: dict[str, int] = {}
+    for n, ref in enumerate(a.introducers):
+        key = f"auth.introducers[{n}].file"
+        pem = read_file(key, ref.file)
+        intro = _crypto(key, ref.file, partial(wot.load_introducer, pem, ref.trust.value))
+        if intro.fingerprint in seen:
+            raise ConfigError(
+                [
+                    (
+                        key,
+                        f"{ref.file}: the same introducer key as auth.introducers[{seen[intro.fingerprint]}]",
+                    )
+                ]
+            )
+        seen[intro.fingerprint] = n
+        intros.append(intro)
+    revoked: frozenset[str] = frozenset()
+    if a.revoked is not None:
+        text = read_file("auth.revoked", a.revoked)
+        revoked = _crypto("auth.revoked", a.revoked, lambda: wot.parse_revocations(text))
+    return WotPolicy(tuple(intros), a.full_needed, a.marginals_needed, revoked)
+
+
+def make_wot_evaluator(policy: WotPolicy) -> WotEvaluator:
+    def evaluate(
+        certs: tuple[bytes, ...], expected_name: str, now: datetime.datetime
+    ) -> wot.Verdict:
+        return wot.evaluate(
+            certs,
+            policy.introducers,
+            expected_name,
+            now,
+            revoked=policy.revoked,
+            full_needed=policy.full_needed,
+            marginals_needed=policy.marginals_needed,
+            allowed_algs=ALLOWED_PEER_ALGS,
+        )
+
+    return evaluate
+
+
+def load_wot(
+    settings: Settings,
+    provider: Provider,
+    clock: Callable[[], datetime.datetime] | None = None,
+) -> WotAuthenticator:
+    """wot: our key and endorsements (identity = the name they endorse), the peer policy."""
+    a = settings.auth
+    assert a.key is not None
+    assert a.endorsements is not None
+    key_pem = read_file("auth.key", a.key)
+    end_pem = read_file("auth.endorsements", a.endorsements)
+    key = _crypto("auth.key", a.key, lambda: x509.load_signing_key(key_pem))
+    chain = _crypto("auth.endorsements", a.endorsements, lambda: wot.load_endorsements(end_pem))
+    identity = _crypto(
+        "auth.endorsements", a.endorsements, lambda: wot.own_endorsements(chain, key_pem)
+    )
+    if identity == a.peer_name:
+        raise ConfigError(
+            [("auth.peer_name", "equals our own endorsed name (a gateway cannot peer with itself)")]
+        )
+    policy = load_wot_policy(settings)
+    return WotAuthenticator(
+        identity,
+        certs=tuple(chain),
+        key=key,
+        provider=provider,
+        evaluator=make_wot_evaluator(policy),
+        clock=clock,
+    )
 
 
 T = TypeVar("T")
@@ -210,6 +306,8 @@ def check_credentials(
             report.lines.append(f"auth: certificate chain verifies against {settings.auth.ca}")
         if left < EXPIRY_WARNING:
             report.warnings.append(f"auth.cert expires in {left.days} days: renew it")
+    elif settings.auth.mode is AuthMode.WOT:
+        _wot_report(settings, now, report)
     else:
         report.lines.append(f"auth: PSK loaded from {settings.auth.psk_file} (32 bytes)")
     if kme_tls_context(settings) is not None:
@@ -233,3 +331,31 @@ def check_credentials(
             elif left < EXPIRY_WARNING:
                 report.warnings.append(f"qkd.cert expires in {left.days} days: renew it")
     return report
+
+
+def _wot_report(settings: Settings, now: datetime.datetime, report: CredentialReport) -> None:
+    """check-config --strict in wot mode: our endorsements as the peer will judge them."""
+    a = settings.auth
+    assert a.endorsements is not None
+    policy = load_wot_policy(settings)
+    chain = wot.load_endorsements(read_file("auth.endorsements", a.endorsements))
+    report.lines.append(
+        f"auth: wot, {len(policy.introducers)} introducer(s) ("
+        + ", ".join(f"{i.label} {i.trust.value}" for i in policy.introducers)
+        + f"), needs {policy.full_needed} full or {policy.marginals_needed} in all, "
+        f"{len(policy.revoked)} revoked endorsement(s)"
+    )
+    for n, der in enumerate(chain):
+        info = wot.describe(der, n)
+        left = info.not_after - now
+        report.lines.append(
+            f"auth: endorsement {n} by {info.issuer!r} for {', '.join(info.names)} "
+            f"(sha256 {info.fingerprint[:16]}), valid until {info.not_after:%Y-%m-%d %H:%M} UTC "
+            f"({left.days} days)"
+        )
+        if left < datetime.timedelta(0):
+            report.problems.append(("auth.endorsements", f"endorsement {n} has expired"))
+        elif left < EXPIRY_WARNING:
+            report.warnings.append(
+                f"auth.endorsements: endorsement {n} expires in {left.days} days"
+            )

@@ -44,6 +44,7 @@ DEMO_REKEY_SECONDS = 10.0  # a rekey shows within 15 s
 PUBLISH_PER_SECOND = 20
 DRAIN_SECONDS = 15.0
 START_TIMEOUT_SECONDS = 30.0
+AUTH_LABELS = {"pki": "ML-DSA PKI", "psk": "PSK", "wot": "ML-DSA web of trust"}
 TUNNEL_NAME = "mqtt-bridge"
 MODES = ("bridge", "tunnel")
 
@@ -160,8 +161,10 @@ class Demo:
         eve_at: float | None = None,
         eve_fraction: float = 1.0,
         eve_for: float | None = None,
+        auth: str = "pki",
     ) -> None:
         self.root = root
+        self.auth = auth
         self.mode = mode
         self.eve_off_at = None if eve_at is None or eve_for is None else eve_at + eve_for
         self.eve_at = eve_at
@@ -207,7 +210,7 @@ class Demo:
         raise DemoError(f"timed out waiting for {what} (logs in {self.root})")
 
     def start(self) -> None:
-        res = init_demo(self.root, link_model="bb84")
+        res = init_demo(self.root, link_model="bb84", auth=self.auth)
         ports = res.ports
         self.kme_state = f"http://127.0.0.1:{ports.kme_a_admin}/admin/state"
         self.kme_link = f"http://127.0.0.1:{ports.kme_a_admin}/admin/link"
@@ -228,7 +231,12 @@ class Demo:
             _edit_toml(self.root / "site-b.toml", site_b)
             extra[ports.mqtt_a] = bridge_config(tunnel_port)
         for port in (ports.mqtt_a, ports.mqtt_b):
-            b = Mosquitto(self.root / f"mosquitto-{port}", port=port, extra_config=extra[port])
+            b = Mosquitto(
+                self.root / f"mosquitto-{port}",
+                port=port,
+                persistence=True,  # the shipped setting: sessions survive a broker crash
+                extra_config=extra[port],
+            )
             b.start()
             self.brokers.append(b)
         print(f"  mosquitto site A 127.0.0.1:{ports.mqtt_a}, site B 127.0.0.1:{ports.mqtt_b}")
@@ -423,7 +431,7 @@ class Demo:
         bits = int(_sum(a, "qgw_qkd_key_bits_total") + _sum(b, "qgw_qkd_key_bits_total"))
         print("summary")
         print(
-            f"  suite               {self.suite_label(a)} (AES-256-GCM, HKDF-SHA-384), auth ML-DSA PKI"
+            f"  suite               {self.suite_label(a)} (AES-256-GCM, HKDF-SHA-384), auth {AUTH_LABELS[self.auth]}"
         )
         if self.mode == "tunnel":
             opened = int(_sum(a, "qgw_tunnel_streams_total", "event=opened"))
@@ -479,6 +487,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         eve_at=args.eve_at,
         eve_fraction=args.eve_fraction,
         eve_for=args.eve_for,
+        auth=args.auth,
     )
     try:
         return demo.run()
@@ -509,6 +518,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--dir", type=Path, default=None, help="use this folder instead of a temporary one"
     )
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, configs)")
+    p.add_argument(
+        "--auth",
+        choices=list(AUTH_LABELS),
+        default="pki",
+        help="bootstrap authentication: ML-DSA PKI (default), PSK, or web of trust",
+    )
     p.add_argument(
         "--eve-at",
         type=float,

@@ -13,6 +13,8 @@ Writes (paths inside the configs are relative to DIR)::
         kme-a-sync.crt/.key     KME-to-KME certificate of KME A (CN = its KME ID)
         kme-b-sync.crt/.key     KME-to-KME certificate of KME B
     DIR/psk                 32 random bytes, the bootstrap pre-shared key (auth.mode = "psk")
+    DIR/wot/                with --auth wot: four introducers (one full, three marginal),
+                            each gateway's ML-DSA key and its four endorsements (gateway.wot)
     DIR/site-a.toml         gateway A: initiator, master SAE sae-a at KME A
     DIR/site-b.toml         gateway B: responder, slave SAE sae-b at KME B
 
@@ -227,6 +229,7 @@ def write_psk(root: Path, name: str = "psk") -> Path:
 
 
 KEY_SOURCES = ("etsi014", "skip")
+AUTH_MODES = ("pki", "psk", "wot")
 
 
 def site_sections(ports: DemoPorts, key_source: str = "etsi014") -> Sites:
@@ -322,15 +325,19 @@ def init_demo(
     key_source: str = "etsi014",
     *,
     link_model: str = "rate",
+    auth: str = "pki",
 ) -> DemoResult:
     """Write the whole demo set into ``root`` (refuses to overwrite unless ``force``).
 
     ``key_source``: how the gateways fetch QKD keys from the simulator (``etsi014`` or ``skip``).
     ``link_model`` of kme.toml: "rate" (fast; what tests use) or "bb84" (``qgw init-demo`` and
     ``qgw demo``: the keys come from a simulated BB84 link).
+    ``auth``: the bootstrap mode the site configs use (``pki``, ``psk`` or ``wot``).
     """
+    if auth not in AUTH_MODES:
+        raise ConfigError([("--auth", f"must be one of {', '.join(AUTH_MODES)}")])
     root = Path(root)
-    ours = ["kme.toml", "psk", *(f"{s}.toml" for s in SITES), KME_PKI, "gw-pki"]
+    ours = ["kme.toml", "psk", *(f"{s}.toml" for s in SITES), KME_PKI, "gw-pki", "wot"]
     existing = [n for n in ours if (root / n).exists()]
     if existing and not force:
         raise ConfigError(
@@ -344,6 +351,14 @@ def init_demo(
     write_psk(root)
     write_gateway_pki(root, list(SITES), force=force)
     sites = site_sections(ports, key_source)
+    if auth == "psk":
+        for site in SITES:
+            sites[site]["auth"]["mode"] = "psk"
+    elif auth == "wot":
+        from gateway.wot import write_demo_wot  # noqa: PLC0415 -- only for --auth wot
+
+        for site, keys in write_demo_wot(root, list(SITES), force=force).items():
+            sites[site]["auth"] = {"peer_name": sites[site]["auth"]["peer_name"], **keys}
     for step in EXTRA_STEPS:
         step(root, sites)
     return DemoResult(root, ports, kme, write_site_configs(root, sites))
@@ -357,6 +372,7 @@ def cmd_init_demo(args: argparse.Namespace) -> int:
         tuple(args.kme_host),
         args.key_source,
         link_model=args.link_model,
+        auth=args.auth,
     )
     print(f"demo written to {res.root}")
     for k, v in asdict(res.ports).items():
@@ -396,6 +412,13 @@ def register(sub: Any) -> None:
         default="etsi014",
         help="how the gateways get QKD keys from the KME simulator: its ETSI GS QKD 014 API "
         "(default) or its Cisco SKIP API (draft-cisco-skip); kme.toml serves both",
+    )
+    p.add_argument(
+        "--auth",
+        choices=AUTH_MODES,
+        default="pki",
+        help="bootstrap authentication of the site configs: ML-DSA PKI (default), the PSK, or "
+        "the web of trust (DIR/wot/: one full and three marginal introducers)",
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing demo in DIR")
     p.add_argument(

@@ -627,6 +627,27 @@ class PeerLink:
             await asyncio.sleep(0.05)  # record budget exhausted: a rekey is under way
         raise PeerUnavailable("record budget exhausted and no rekey completed")
 
+    def send_nowait(self, payload: bytes, via: object | None = None) -> None:
+        """Like :meth:`send` without waiting: protect one payload now (its records go out
+        with the others of this loop iteration); raise PeerUnavailable if the link is down
+        or has no record budget until the next rekey, PeerRejected if it is too large.
+        No write backpressure here: the callers bound what they have outstanding (the
+        bridge's in-flight window)."""
+        if len(payload) > self.params.max_message_bytes:
+            raise PeerRejected("message too large for the record layer")
+        s = self._current
+        if via is not None and s is not via:
+            raise PeerUnavailable("the connection this answers has gone")
+        if s is None or s.conn.state is not State.ESTABLISHED:
+            raise PeerUnavailable("peer link is down")
+        if not s.conn.can_send():
+            raise PeerUnavailable("record budget exhausted until the rekey completes")
+        try:
+            s.conn.send_message(payload, s.now())
+        except LocalProtocolError as exc:
+            raise PeerUnavailable(f"cannot send: {exc}") from exc
+        s.schedule_flush()
+
     async def run(self) -> None:
         """Run until stop(): connect (initiator) or listen (responder)."""
         if self.role is CoreRole.INITIATOR:

@@ -126,7 +126,7 @@ EVICTION_REASONS = (
     "auth_cap",
 )
 #: Alarms the runtime is expected to raise (others are accepted, bounded).
-ALARMS = ("qkd_unavailable", "qkd_mode_downgrade", "kme_unreachable")
+ALARMS = ("qkd_unavailable", "qkd_mode_downgrade", "kme_unreachable", "broker_session_lost")
 BRIDGE_EVENTS = (
     "forward_retry",
     "stale_retry",
@@ -377,6 +377,12 @@ class Metrics:
         )
         for res in ("ok", "failed"):
             self._reloads.labels(result=res)
+        self._sessions_lost = Counter(
+            "qgw_broker_sessions_lost",
+            "Reconnects where the local broker no longer had our persistent session "
+            "(messages published meanwhile may have been dropped; alarm broker_session_lost).",
+            registry=r,
+        )
         self._broker_connected = Gauge(
             "qgw_broker_connected",
             "1 while the gateway's MQTT connection to the local broker is up, else 0.",
@@ -648,6 +654,10 @@ class Metrics:
     def config_reload(self, result: str) -> None:
         """Count a SIGHUP reload: ``result`` ok|failed."""
         self._reloads.labels(result="ok" if result == "ok" else "failed").inc()
+
+    def broker_session_lost(self, count: int = 1) -> None:
+        """Count CONNACKs where the local broker had forgotten our persistent session."""
+        self._sessions_lost.inc(count)
 
     def set_broker_connected(self, connected: bool) -> None:
         self.broker_connected = connected

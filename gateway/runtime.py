@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import time
@@ -41,7 +42,23 @@ from keysource.base import KeySource
 log = logging.getLogger("qgw.run")
 
 METRICS_SYNC_SECONDS = 1.0
+# Young-generation threshold of the cyclic garbage collector (CPython's default is 700): the
+# data path allocates a few short-lived objects per message, and every collection of the
+# older generations walks the whole long-lived heap (crypto, config, asyncio). Measured in
+# docs/bridge.md ("CPU per message").
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def tune_gc() -> None:
+    """Freeze what start-up allocated (never collected again) and collect less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 KME_STATUS_SECONDS = 30.0
+#: How long the broker_session_lost alarm stays raised after the broker lost our session.
+BROKER_SESSION_ALARM_SECONDS = 600.0
 BROKER_RETRY_MAX_SECONDS = 10.0
 
 
@@ -74,9 +91,10 @@ class Gateway:
             self.certificates["kme_client"] = kme_not_after.timestamp()
         for name, t in self.certificates.items():
             self.metrics.set_certificate_expiry(name, t)
-        self.transport = SecureTransport(self._send)
+        self.transport = SecureTransport(self._send, send_nowait=self._send_nowait)
         self.bridge = Bridge(settings.mqtt, settings.gateway.site_id, self.transport)
         self.transport.attach(self.bridge.deliver)
+        self.transport.attach_nowait(self.bridge.deliver_nowait)
         # Tunnel mode ([[tunnel]]): always present, so that an OPEN for a name this gateway
         # does not serve is refused and counted even when it has no tunnels at all.
         self.tunnels = TunnelService(
@@ -98,10 +116,16 @@ class Gateway:
             on_down=self._link_down,
         )
         self.http: HttpServer | None = None
-        self._seen: Counter[tuple[str, ...]] = Counter()  # last total copied, per counter
+        self._seen: Counter[tuple[str, ...]] = Counter()
+        self._session_lost_at: float | None = (
+            None  # monotonic time of the last lost session  # last total copied, per counter
+        )
 
     async def _send(self, payload: bytes, via: object | None) -> None:
         await self.link.send(payload, via)
+
+    def _send_nowait(self, payload: bytes, via: object | None) -> None:
+        self.link.send_nowait(payload, via)
 
     def _link_is_up(self) -> bool:
         return self.link.is_up()
@@ -260,6 +284,17 @@ class Gateway:
         """Copy the bridge's cumulative counters into Prometheus counters (as deltas)."""
         c = self.bridge.counters
         self.metrics.set_broker_connected(self.bridge.connected)
+        lost = self._delta(("broker", "sessions_lost"), self.bridge.broker_sessions_lost)
+        if lost:
+            self.metrics.broker_session_lost(lost)
+            self._session_lost_at = time.monotonic()
+            self.metrics.set_alarm("broker_session_lost", True)
+        elif (
+            self._session_lost_at is not None
+            and time.monotonic() - self._session_lost_at > BROKER_SESSION_ALARM_SECONDS
+        ):
+            self._session_lost_at = None
+            self.metrics.set_alarm("broker_session_lost", False)
         for i, rc in enumerate(c.rules):
             rule = self.rule_labels[i]
             self._bump((rule, "out", "forwarded", ""), rc.messages_out)
@@ -274,7 +309,8 @@ class Gateway:
             "stale_ack": c.stale_acks,
             "deliver_failure": c.deliver_failures + t.delivery_failures,
             "busy_refusal": t.busy_refusals,
-            "decode_error": t.decode_errors,
+            # bad bytes from the peer, and malformed packets from the local broker
+            "decode_error": t.decode_errors + self.bridge.broker_protocol_errors,
             "internal_error": self.link.internal_errors,
         }
         for name, total in events.items():
@@ -344,7 +380,21 @@ def restart_only_changes(old: Settings, new: Settings) -> list[str]:
 
 
 #: What SIGHUP applies (file *contents* are re-read even when the paths are the same).
-RELOADABLE = frozenset({"auth.cert", "auth.key", "auth.ca", "auth.psk_file", "logging.level"})
+RELOADABLE = frozenset(
+    {
+        "auth.cert",
+        "auth.key",
+        "auth.ca",
+        "auth.psk_file",
+        # wot: introducers, thresholds and the revocation list are re-read with the key
+        "auth.endorsements",
+        "auth.introducers",
+        "auth.full_needed",
+        "auth.marginals_needed",
+        "auth.revoked",
+        "logging.level",
+    }
+)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -373,6 +423,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             settings.auth.peer_name,
             settings.qkd.mode.value,
         )
+        tune_gc()
         await gw.run(stop)
 
     asyncio.run(main())

@@ -25,6 +25,8 @@ if command -v dpkg >/dev/null 2>&1; then
         dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
     done
 fi
+# formal/spin/epochs.pml is model-checked in the tests (its verifier is compiled with gcc above)
+command -v spin >/dev/null 2>&1 || need_apt+=(spin)
 if [ "${#need_apt[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "setup: please install: ${need_apt[*]} (sudo apt-get install ${need_apt[*]})" >&2
@@ -40,10 +42,11 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 stamp=.venv/.qgw-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ deploy/constraints.txt -nt "$stamp" ]; then
+    # deploy/constraints.txt pins the runtime dependencies, the same versions as the container image
     echo "setup: installing qgw[dev] into .venv" >&2
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-    if ! .venv/bin/python -m pip install -q -e ".[dev,oqs]" >.venv/pip-install.log 2>&1; then
+    if ! .venv/bin/python -m pip install -q -c deploy/constraints.txt -e ".[dev,oqs]" >.venv/pip-install.log 2>&1; then
         cat .venv/pip-install.log >&2
         exit 1
     fi

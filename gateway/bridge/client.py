@@ -1,5 +1,10 @@
 """The bridge's view of its local broker, and the paho-mqtt implementation of it.
 
+The bridge's default client is :class:`gateway.bridge.mqtt5_client.Mqtt5BrokerClient` (a
+single-threaded asyncio client over the ``mqtt5`` codec); :class:`PahoBrokerClient` is kept
+behind the same interface for comparison measurements (docs/bridge.md, "Choice of MQTT
+client").
+
 The bridge needs four things from an MQTT client: subscribe with v5 options (No Local,
 Retain As Published, a subscription identifier per rule), receive messages *without*
 acknowledging them, acknowledge one message later, and publish with a wait for the broker's

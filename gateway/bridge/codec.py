@@ -44,13 +44,16 @@ _CD = 0x10
 _MEI = 0x20
 _PFI = 0x40
 _RESERVED = 0x80
+_HEAD = struct.Struct("!BBB")
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
 
 
 def _check_text(value: str, what: str, *, topic: bool = False, empty_ok: bool = True) -> bytes:
     if "\x00" in value:
         raise ValueError(f"{what} contains U+0000")
     try:
-        raw = value.encode("utf-8")
+        raw = value.encode()
     except UnicodeEncodeError as exc:
         raise ValueError(f"{what} is not encodable as UTF-8") from exc
     if len(raw) > MAX_STRING_BYTES:
@@ -70,16 +73,51 @@ def encode(msg: BridgeMessage, *, max_payload: int = MAX_PAYLOAD_BYTES) -> bytes
         raise LocalProtocolError(f"cannot encode bridge message: {exc}") from exc
 
 
+_ORIGINS: dict[str, bytes] = {}  # origin -> checked bytes (one or two sites per process)
+
+
+def _origin_bytes(origin: str) -> bytes:
+    raw = _ORIGINS.get(origin)
+    if raw is None:
+        raw = _check_text(origin, "origin", empty_ok=False)
+        if len(raw) > MAX_ORIGIN_BYTES:
+            raise ValueError(f"origin longer than {MAX_ORIGIN_BYTES} bytes")
+        if len(_ORIGINS) < 64:
+            _ORIGINS[origin] = raw
+    return raw
+
+
 def _encode(msg: BridgeMessage, max_payload: int) -> bytes:
     p = msg.properties
-    if msg.qos not in (0, 1):
+    qos = msg.qos
+    if qos not in (0, 1):
         raise ValueError("qos must be 0 or 1")
-    flags = (_RETAIN if msg.retain else 0) | (_QOS1 if msg.qos == 1 else 0)
-    origin = _check_text(msg.origin, "origin", empty_ok=False)
-    if len(origin) > MAX_ORIGIN_BYTES:
-        raise ValueError(f"origin longer than {MAX_ORIGIN_BYTES} bytes")
+    flags = (_RETAIN if msg.retain else 0) | (_QOS1 if qos == 1 else 0)
+    origin = _origin_bytes(msg.origin)
     topic = _check_text(msg.topic, "topic", topic=True, empty_ok=False)
-    out = bytearray()
+    payload = msg.payload
+    if len(payload) > min(max_payload, MAX_PAYLOAD_BYTES):
+        raise ValueError(f"payload larger than {max_payload} bytes")
+    users = p.user_properties
+    if (
+        not users
+        and p.content_type is None
+        and p.response_topic is None
+        and p.correlation_data is None
+        and p.message_expiry_interval is None
+        and p.payload_format_indicator is None
+    ):  # the common case: no properties
+        return b"".join(
+            (
+                _HEAD.pack(VERSION, flags, len(origin)),
+                origin,
+                _U16.pack(len(topic)),
+                topic,
+                b"\x00\x00",  # no user properties
+                _U32.pack(len(payload)),
+                payload,
+            )
+        )
     opt = bytearray()
     if p.content_type is not None:
         flags |= _CT
@@ -102,21 +140,24 @@ def _encode(msg: BridgeMessage, max_payload: int) -> bytes:
         if p.payload_format_indicator not in (0, 1):
             raise ValueError("payload_format_indicator must be 0 or 1")
         opt += struct.pack("!B", p.payload_format_indicator)
-    if len(p.user_properties) > MAX_USER_PROPERTIES:
+    if len(users) > MAX_USER_PROPERTIES:
         raise ValueError(f"more than {MAX_USER_PROPERTIES} user properties")
-    opt += struct.pack("!H", len(p.user_properties))
-    for k, v in p.user_properties:
+    opt += struct.pack("!H", len(users))
+    for k, v in users:
         kr = _check_text(k, "user property name")
         vr = _check_text(v, "user property value")
         opt += struct.pack("!H", len(kr)) + kr + struct.pack("!H", len(vr)) + vr
-    if len(msg.payload) > min(max_payload, MAX_PAYLOAD_BYTES):
-        raise ValueError(f"payload larger than {max_payload} bytes")
-    out += struct.pack("!BBB", VERSION, flags, len(origin)) + origin
-    out += struct.pack("!H", len(topic)) + topic
-    out += opt
-    out += struct.pack("!I", len(msg.payload))
-    out += msg.payload
-    return bytes(out)
+    return b"".join(
+        (
+            _HEAD.pack(VERSION, flags, len(origin)),
+            origin,
+            _U16.pack(len(topic)),
+            topic,
+            opt,
+            _U32.pack(len(payload)),
+            payload,
+        )
+    )
 
 
 class _Reader:
@@ -158,11 +199,52 @@ class _Reader:
         return value
 
 
+_NO_PROPS = MessageProps()
+
+
+def _decode_plain(data: bytes, max_payload: int) -> BridgeMessage | None:
+    """The common case (no properties) in a few slices; None means "use the full parser",
+    which also produces the error for anything malformed."""
+    n = len(data)
+    if n < 12 or data[0] != VERSION or data[1] & ~(_RETAIN | _QOS1):
+        return None
+    ol = data[2]
+    p = 3 + ol
+    if not ol or n < p + 8:
+        return None
+    (tl,) = _U16.unpack_from(data, p)
+    q = p + 2 + tl
+    if not tl or n < q + 6 or data[q] or data[q + 1]:
+        return None
+    (size,) = _U32.unpack_from(data, q + 2)
+    if q + 6 + size != n or size > min(max_payload, MAX_PAYLOAD_BYTES):
+        return None
+    try:
+        origin = data[3:p].decode()
+        topic = data[p + 2 : q].decode()
+    except UnicodeDecodeError:
+        return None
+    if "\x00" in origin or "\x00" in topic or "+" in topic or "#" in topic:
+        return None
+    flags = data[1]
+    return BridgeMessage(
+        topic, data[q + 6 :], 1 if flags & _QOS1 else 0, bool(flags & _RETAIN), _NO_PROPS, origin
+    )
+
+
 def decode(data: bytes, *, max_payload: int = MAX_PAYLOAD_BYTES) -> BridgeMessage:
     """Parse bytes from :func:`encode`; raise DecodeError for anything malformed."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise DecodeError("bridge message must be bytes")
-    r = _Reader(bytes(data))
+    data = bytes(data)
+    fast = _decode_plain(data, max_payload)
+    if fast is not None:
+        return fast
+    return _decode_full(data, max_payload)
+
+
+def _decode_full(data: bytes, max_payload: int) -> BridgeMessage:
+    r = _Reader(data)
     version = r.u8("version")
     if version != VERSION:
         raise DecodeError(f"unknown bridge message version {version}")

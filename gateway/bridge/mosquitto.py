@@ -30,6 +30,7 @@ from types import TracebackType
 from gateway.errors import GatewayError
 
 DEFAULT_BINARY = "/usr/sbin/mosquitto"
+AUTOSAVE_SECONDS = 2
 START_TIMEOUT_SECONDS = 10.0
 STOP_TIMEOUT_SECONDS = 5.0
 
@@ -137,7 +138,10 @@ class Mosquitto:
             lines += [
                 "persistence true",
                 f"persistence_location {self.workdir}/",
-                "autosave_interval 0",
+                # Save the database every AUTOSAVE_SECONDS, not only at shutdown: after a
+                # crash the broker comes back with the gateway's session and subscriptions
+                # (issue 18; docs/bridge.md "Broker crashes").
+                f"autosave_interval {AUTOSAVE_SECONDS}",
             ]
         else:
             lines.append("persistence false")

@@ -82,7 +82,8 @@ def resume_keys(chain: bytes, epoch: int) -> tuple[bytes, bytes]:
 def bootstrap_keys(
     mode: L.AuthModeId, s0: bytes, suite: int, id_i: str, id_r: str
 ) -> tuple[bytes, bytes]:
-    """(K_hello, K_admit) of a bootstrap: from S0 in psk mode, public mac1-style keys in pki."""
+    """(K_hello, K_admit) of a bootstrap: from S0 in psk mode, public mac1-style keys in pki
+    and wot (both are signature modes without a shared secret before the handshake)."""
     if mode is L.AuthModeId.PSK:
         return (
             schedule.expand_label(s0, L.L_HELLO_PSK, b""),

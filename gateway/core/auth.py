@@ -1,4 +1,4 @@
-"""Bootstrap authenticators (docs/protocol.md §3): ML-DSA PKI or PSK.
+"""Bootstrap authenticators (docs/protocol.md §3): ML-DSA PKI, PSK, or a web of trust (wot).
 
 The core calls these; they own the long-term credentials. Certificate validity needs wall
 time, so the PKI authenticator takes a clock; the core itself never reads one.
@@ -13,6 +13,7 @@ from typing import Protocol
 
 from gateway.core.labels import PSK_LEN, SIG_CONTEXT, AuthModeId
 from gateway.crypto import Provider, SigAlg, SigPrivateKey
+from gateway.crypto.wot import Verdict
 from gateway.errors import AuthenticationError
 
 
@@ -114,3 +115,60 @@ class PkiAuthenticator:
 
     def __repr__(self) -> str:
         return f"PkiAuthenticator({self.identity!r}, key=<secret>)"
+
+
+class InsufficientTrust(AuthenticationError):
+    """wot: the peer's key verified fewer endorsements than the policy needs (alert 21)."""
+
+
+# (endorsements DER, expected name, wall time) -> Verdict; gateway.credentials.make_wot_evaluator
+# builds one from the configured introducers, thresholds and revocation list.
+WotEvaluator = Callable[[tuple[bytes, ...], str, datetime.datetime], Verdict]
+
+
+class WotAuthenticator:
+    """wot mode: the peer's ML-DSA key is trusted when enough configured introducers vouch for it.
+
+    ``certs`` are this gateway's endorsements (all for the key that signs); the peer's list is
+    judged by the injected evaluator (``gateway.crypto.wot.evaluate``), and the key it endorses
+    must verify the transcript signature.
+    """
+
+    mode = AuthModeId.WOT
+
+    def __init__(
+        self,
+        identity: str,
+        *,
+        certs: tuple[bytes, ...],
+        key: SigPrivateKey,
+        provider: Provider,
+        evaluator: WotEvaluator,
+        clock: Callable[[], datetime.datetime] | None = None,
+    ) -> None:
+        self.identity = identity
+        self.certs = certs
+        self._key = key
+        self._provider = provider
+        self._evaluator = evaluator
+        self._clock = clock or (lambda: datetime.datetime.now(datetime.UTC))
+
+    def sign(self, message: bytes) -> bytes:
+        return self._provider.sign(self._key, message, SIG_CONTEXT)
+
+    def verify(
+        self, certs: tuple[bytes, ...], expected_name: str, message: bytes, auth: bytes
+    ) -> PeerIdentity:
+        verdict = self._evaluator(certs, expected_name, self._clock())
+        # The signature first: endorsements of a key that did not sign prove nothing.
+        if not self._provider.verify(verdict.alg, verdict.public_key, message, auth, SIG_CONTEXT):
+            raise AuthenticationError("peer signature does not verify under the endorsed key")
+        if not verdict.accepted:
+            raise InsufficientTrust(f"web of trust: refused: {verdict.summary()}")
+        return PeerIdentity(expected_name, verdict.key_fingerprint[:16])
+
+    def psk(self) -> bytes | None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"WotAuthenticator({self.identity!r}, key=<secret>)"

@@ -32,7 +32,7 @@ from enum import Enum, auto
 from gateway.core import labels as L
 from gateway.core import schedule
 from gateway.core.admission import Admission, Admitted, AdmState, Refused
-from gateway.core.auth import Authenticator, PeerIdentity
+from gateway.core.auth import Authenticator, InsufficientTrust, PeerIdentity
 from gateway.core.records import RecvState, SendState
 from gateway.core.wire import (
     Admit,
@@ -825,15 +825,15 @@ class Connection:
         """AD3, bootstrap HELLO: the bootstrap budgets, charged before ADMIT is sent (§3.5).
 
         The initiator fetches QKD key only after ADMIT, so a refusal here costs it nothing. In pki
-        the HELLO proves knowledge of public values only: its INIT's dec_keys call and ML-DSA
-        signature also come out of one budget over all source addresses. The global bucket is
-        checked first and the per-address token taken only when both have one, so a refusal by
-        the global budget does not drain the real peer's own bucket.
+        and wot the HELLO proves knowledge of public values only: its INIT's dec_keys call and
+        ML-DSA signature also come out of one budget over all source addresses. The per-address
+        token is taken only once both buckets had one, so a refusal by the global budget does
+        not drain the real peer's own bucket.
         """
-        pki = self.auth.mode is L.AuthModeId.PKI
+        signed = self.auth.mode in (L.AuthModeId.PKI, L.AuthModeId.WOT)
         if not self.assoc.has_token(now, self.source):
             raise _Fail(L.Alert.RATE_LIMITED, "too many bootstrap attempts")
-        if pki and not self.assoc.take_global_token(now):
+        if signed and not self.assoc.take_global_token(now):
             self.stats["global_budget_refusals"] += 1
             raise _Fail(L.Alert.RATE_LIMITED, "global budget for unauthenticated INITs exhausted")
         self.assoc.take_token(now, self.source)
@@ -958,6 +958,8 @@ class Connection:
             return PeerIdentity(self.params.peer_name, "psk")
         try:
             peer = self.auth.verify(certs, self.params.peer_name, sig_role + th, auth)
+        except InsufficientTrust as exc:  # wot: too few endorsements (§3.6 W4, alert 21)
+            raise _Fail(L.Alert.INSUFFICIENT_TRUST, str(exc)) from exc
         except AuthenticationError as exc:
             raise _Fail(L.Alert.BAD_CERTIFICATE, str(exc)) from exc
         if peer.name == self.auth.identity:

@@ -92,6 +92,7 @@ class SuiteId(IntEnum):
 class AuthModeId(IntEnum):
     PKI = 0x01
     PSK = 0x02
+    WOT = 0x03  # web of trust: ML-DSA key endorsed by configured introducers (§3.6)
 
 
 class QkdPolicyId(IntEnum):
@@ -122,12 +123,15 @@ class Alert(IntEnum):
     TIMEOUT = 18
     INTERNAL_ERROR = 19
     TOO_LARGE = 20
+    INSUFFICIENT_TRUST = 21  # wot: fewer endorsements than the local policy needs
 
 
 # --- KDF labels (docs/protocol.md §4); context in brackets ---
 L_DERIVED = b"derived"  # chaining between Extract steps
 L_ADMISSION_PSK = b"init admission"  # psk mode: key of INIT's admission MAC
-L_ADMISSION_MAC1 = b"qgw1 mac1"  # pki mode: hashed with the responder name -> admission key
+L_ADMISSION_MAC1 = (
+    b"qgw1 mac1"  # pki and wot modes: hashed with the responder name -> admission key
+)
 L_PSK_AUTH_R = b"r psk auth"  # [TH2]
 L_PSK_AUTH_I = b"i psk auth"  # [TH3a]
 L_FINISHED_R = b"r finished"  # [TH2s]

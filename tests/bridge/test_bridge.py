@@ -325,7 +325,8 @@ async def test_broker_reconnects_during_an_outage_keep_one_window(mosquitto: Any
             pub.publish("t/x", str(i).encode(), 1).wait_for_publish(5)
         await eventually(lambda: b.counters.inflight == 8, what="window full")
         for _ in range(3):
-            b._client._client.socket().shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]
+            conn = b._client._conn  # type: ignore[attr-defined]
+            conn.transport.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
             await eventually(lambda: not b.connected, what="disconnect")
             await eventually(lambda: b.connected, what="reconnect")
             await asyncio.sleep(0.5)

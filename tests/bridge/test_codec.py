@@ -130,3 +130,33 @@ def test_trailing_bytes_and_bad_version_and_reserved_flag() -> None:
         codec.decode(raw[:1] + bytes([raw[1] | 0x80]) + raw[2:])
     with pytest.raises(DecodeError, match="bytes"):
         codec.decode("not bytes")  # type: ignore[arg-type]
+
+
+plain = st.builds(
+    BridgeMessage,
+    topic=topic,
+    payload=st.binary(max_size=64),
+    qos=st.sampled_from([0, 1]),
+    retain=st.booleans(),
+    properties=st.just(MessageProps()),
+    origin=topic,
+)
+
+
+@settings(max_examples=300)
+@given(plain, st.data())
+def test_fast_path_for_messages_without_properties_agrees_with_the_full_parser(
+    msg: BridgeMessage, data: st.DataObject
+) -> None:
+    """decode() reads property-less messages in a few slices; whatever that path accepts the
+    full parser accepts identically (mutated bytes included), and it never raises."""
+    raw = bytearray(codec.encode(msg))
+    if data.draw(st.booleans()):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    fast = codec._decode_plain(bytes(raw), codec.MAX_PAYLOAD_BYTES)
+    if fast is not None:
+        assert fast == codec._decode_full(bytes(raw), codec.MAX_PAYLOAD_BYTES)
+        assert codec.encode(fast) == bytes(raw)
+    else:  # then the full parser decides (and raises DecodeError for anything malformed)
+        with contextlib.suppress(DecodeError):
+            codec._decode_full(bytes(raw), codec.MAX_PAYLOAD_BYTES)

@@ -42,14 +42,14 @@ def test_example_sites_mirror_each_other() -> None:
     assert a.crypto.suite == b.crypto.suite
     assert a.qkd.mode == b.qkd.mode
     assert a.mqtt.client_id != b.mqtt.client_id
-    # Every rule leaving one site has a matching rule entering the other, prefixes swapped.
+    # Every rule leaving one site has a matching rule entering the other: the same pattern and
+    # the same link name (remote_prefix names topics on the link, docs/bridge.md).
     for src, dst in ((a, b), (b, a)):
         for rule in (r for r in src.mqtt.rules if r.direction == "out"):
             assert any(
                 r.direction == "in"
                 and r.pattern == rule.pattern
-                and r.local_prefix == rule.remote_prefix
-                and r.remote_prefix == rule.local_prefix
+                and r.remote_prefix == rule.remote_prefix
                 for r in dst.mqtt.rules
             ), f"no matching 'in' rule at {dst.gateway.site_id} for {rule.pattern}"
 
@@ -244,7 +244,7 @@ def test_compose_mounts_exist(compose: Compose) -> None:
     for name, svc in compose.services.items():
         for vol in svc.volumes:
             src = vol.split(":", 1)[0]
-            if src.startswith("./") and src != "./demo":  # ./demo is made by qgw init-demo
+            if src.startswith("./"):  # ${QGW_DEMO_DIR:-./demo} is made by qgw init-demo
                 assert (DEPLOY / src).exists(), f"{name}: {src} does not exist"
 
 
@@ -279,13 +279,92 @@ def test_compose_kme_config_matches_the_simulator_schema() -> None:
 
 def test_containerfile_shape() -> None:
     text = (DEPLOY / "Containerfile").read_text()
+    # ARG BASE defaults to the official slim image pinned by digest; every stage is FROM it.
+    base = re.search(r"^ARG BASE=(\S+)$", text, re.MULTILINE)
+    assert base, "ARG BASE=<default image> missing"
+    assert re.fullmatch(r"python:3\.11[\w.-]*-slim-bookworm@sha256:[0-9a-f]{64}", base.group(1))
     froms = re.findall(r"^FROM (\S+)", text, re.MULTILINE)
     assert froms
-    assert all(f.startswith("python:3.11-slim") for f in froms)
+    assert set(froms) == {"${BASE}"}
     users = re.findall(r"^USER (\S+)", text, re.MULTILINE)
     assert users
     assert users[-1] not in ("root", "0", "0:0")
     assert "--no-index" in text  # the runtime stage installs only the wheels built before
+    assert "PIP_CONSTRAINT=/src/deploy/constraints.txt" in text  # the pins shared with setup.sh
+    assert re.search(r"^HEALTHCHECK .*\n.*/healthz", text, re.MULTILINE)
     for src in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.MULTILINE):
         for part in src.split():
+            if part.endswith("*"):  # optional (the wheelhouse of registry-less builds)
+                continue
             assert (ROOT / part).exists(), f"COPY source {part} missing"
+
+
+def test_constraints_pin_every_runtime_dependency() -> None:
+    pins = {}
+    for raw in (DEPLOY / "constraints.txt").read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep, f"not pinned: {line!r}"
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in deps:
+        name = re.sub(r"[-_.]+", "-", re.split(r"[<>=!~ \[;]", dep, maxsplit=1)[0]).lower()
+        assert name in pins, f"{name} is not pinned in deploy/constraints.txt"
+    assert "constraints.txt" in (ROOT / "scripts" / "setup.sh").read_text()
+
+
+def _x509(path: Path, *fields: str) -> str:
+    """``openssl x509 -noout`` fields of a PEM certificate, as text (RFC 2253 names)."""
+    proc = subprocess.run(
+        ["openssl", "x509", "-noout", "-nameopt", "RFC2253", *fields, "-in", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return proc.stdout
+
+
+def test_compose_kme_config_matches_init_demo_pki(tmp_path: Path) -> None:
+    """The KME config of the compose file names what `qgw init-demo --kme-host` writes."""
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is needed (scripts/setup.sh installs it)")
+    proc = run_qgw("init-demo", str(tmp_path / "d"), "--kme-host", "kme-a", "--kme-host", "kme-b")
+    assert proc.returncode == 0, proc.stderr
+    data = tomllib.loads((DEPLOY / "compose" / "kme.toml").read_text())
+
+    def local(path: str) -> Path:
+        assert path.startswith("/etc/qgw/"), path
+        return tmp_path / "d" / path.removeprefix("/etc/qgw/")
+
+    def subject(path: str) -> str:
+        return _x509(local(path), "-subject").removeprefix("subject=").strip()
+
+    sync_ca = subject(data["sync"]["ca"])
+    for section, host, sae in (("kme_a", "kme-a", "sae-a"), ("kme_b", "kme-b", "sae-b")):
+        kme = data[section]
+        for k in ("cert", "key", "ca", "sync_cert", "sync_key"):
+            assert local(kme[k]).exists(), f"{section}.{k}: init-demo writes no {kme[k]}"
+        # [kme_x] ca verifies the SAE client certificates the gateways present
+        sae_cert = _x509(local(f"/etc/qgw/kme-pki/{sae}.crt"), "-issuer")
+        assert f"issuer={subject(kme['ca'])}" in sae_cert, f"{section}: ca does not sign {sae}"
+        sync = _x509(local(kme["sync_cert"]), "-subject", "-issuer")
+        assert f"issuer={sync_ca}\n" in sync, f"{section}: [sync] ca does not sign sync_cert"
+        cn = re.search(r"^subject=.*\bCN=([^,\n]+)", sync, re.MULTILINE)
+        assert cn, sync
+        assert kme["kme_id"] == cn.group(1), f"{section}: kme_id must be the sync cert's CN"
+        for cert in (kme["cert"], kme["sync_cert"]):
+            san = _x509(local(cert), "-ext", "subjectAltName")
+            assert f"DNS:{host}" in san, f"{cert} lacks DNS:{host}"
+
+
+def test_compose_depends_on_is_health_gated() -> None:
+    text = (DEPLOY / "compose.yaml").read_text()
+    for svc, deps in (
+        ("gateway-a", ("mosquitto-a", "kme-a", "gateway-b")),
+        ("gateway-b", ("mosquitto-b", "kme-b")),
+    ):
+        block = text.split(f"\n  {svc}:\n", 1)[1].split("\n  # ----", 1)[0].split("\n\n", 1)[0]
+        for dep in deps:
+            assert f"{dep}: {{condition: service_healthy}}" in block, f"{svc} -> {dep}"
