@@ -140,7 +140,9 @@ async def _forge_one(host: str, port: int, source: str, ek: bytes, xpub: bytes) 
                 peer_name="site-b",
                 s0=schedule.psk_secret(None),
             )
-            writer.write(adm.consume_challenge(Challenge.decode(f[1]), f[2], _NoChain()))
+            writer.write(
+                adm.consume_challenge(Challenge.decode(f[1]), f[2], _NoChain(), os.urandom)
+            )
             f = await frame()
             if f is None or f[0] is not L.FrameType.ADMIT:
                 return "not_admitted" if f is None else f"hello_{f[0].name.lower()}"

@@ -18,6 +18,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import ipaddress
 import logging
 import os
 import random
@@ -45,6 +46,7 @@ from gateway.core.connection import (
     State,
 )
 from gateway.core.connection import Role as CoreRole
+from gateway.core.wire import AlertMsg
 from gateway.crypto import Provider
 from gateway.errors import (
     GatewayError,
@@ -67,13 +69,31 @@ MAX_PENDING_CONNECTIONS = 64  # in all
 MAX_PENDING_PER_ADDRESS = 8  # per source address (TCP has proven it)
 HELLO_DEADLINE_SECONDS = 2.0
 PRE_HELLO_MAX_BYTES = 1024  # bytes a pending connection may send before its HELLO is valid  # from accept to a valid HELLO (the real peer needs one round trip)
+MAX_AUTH_BOOTSTRAPS = 4  # psk bootstraps admitted (PSK proven) but not established, in all
+MAX_AUTH_BOOTSTRAPS_PER_ADDRESS = 2  # ... and per source address
 TRUSTED_SOURCES = 16  # addresses that recently authenticated: evicted last when the pool is full
 LISTEN_BACKLOG = 1024  # asyncio's default of 100 overflows under a connection flood
 CONNECT_ATTEMPT_SECONDS = 0.5  # initiator: first TCP connect attempt (then 1 s, 2 s, ...)
 ACCEPT_BATCH = 512  # connections accepted per readiness event of the listening socket
 SUMMARY_SECONDS = 10.0  # one log line per this many seconds about unauthenticated connections
 READ_CHUNK = 256 * 1024
+REFUSAL_ALERT = AlertMsg(L.Alert.RATE_LIMITED, "rate_limited").encode()  # pool_busy, address_cap
 WRITE_HIGH_WATER = 1 << 20  # bytes queued in the socket before send() waits (backpressure)
+
+
+def source_key(host: str) -> str:
+    """The unit of the per-address limits (pool, bootstrap bucket, trusted list, §7): the IPv4
+    address, or the /64 of an IPv6 address (one host usually holds a whole /64)."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
 
 SUITE_IDS = {
     Suite.MLKEM768_X25519: L.SuiteId.MLKEM768_X25519_AES256GCM_SHA384,
@@ -162,6 +182,7 @@ class _Session:
         self.source = ""
         self.admitted = False  # responder: a valid HELLO arrived (AD4)
         self.authenticated = False  # responder: ... proven with the chain key or the PSK
+        self.auth_bootstrap = False  # responder: counted in PeerLink._auth_bootstraps
         self.count_ok: str | None = None  # initiator: handshake reason to count once R confirms
         self.confirmed = False  # initiator: R's first record of the session arrived
         # initiator: the "session up" log line, held until R confirms (level, args, fields)
@@ -253,6 +274,7 @@ class _Session:
                     read_task = None
                     if not data:
                         self.link.status.last_close = "peer closed the TCP connection"
+                        self.conn.transport_closed(now)  # core: CLOSED (its event is not read)
                         break
                     self.last_rx = now
                     self.conn.receive_data(data, now)
@@ -449,7 +471,24 @@ class _Pending(asyncio.Protocol):
         if conn.state is State.CLOSED:
             self._finish()
         elif conn.state is not State.R_EXPECT_HELLO:
+            if self._over_bootstrap_cap(conn):
+                conn.data_to_send()  # drop the queued ADMIT: the refusal comes before it
+                self.link.metrics.admission_eviction("auth_cap")
+                self.close(L.Alert.RATE_LIMITED, "too many authenticated bootstraps")
+                return
             self._upgrade()
+
+    def _over_bootstrap_cap(self, conn: Connection) -> bool:
+        """A PSK-proven bootstrap HELLO is never evicted, so such connections are capped (§7)."""
+        if self.link.auth.mode is not L.AuthModeId.PSK:
+            return False
+        if conn.admitted_kind is not L.HelloKind.BOOTSTRAP:
+            return False
+        counts = self.link._auth_bootstraps
+        return (
+            sum(counts.values()) >= MAX_AUTH_BOOTSTRAPS
+            or counts[self.source] >= MAX_AUTH_BOOTSTRAPS_PER_ADDRESS
+        )
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._done:
@@ -492,6 +531,8 @@ class _Pending(asyncio.Protocol):
         if out and not self.transport.is_closing():
             self.transport.write(out)
         closed = [e for e in iter(self.conn.next_event, None) if isinstance(e, Closed)]
+        if self.conn.stats["global_budget_refusals"]:  # AD3 refused by the global budget
+            self.link.metrics.admission_budget_refusal(self.conn.stats["global_budget_refusals"])
         self.link._pending_closed(closed[0] if closed else None)
         self.transport.close()
 
@@ -502,7 +543,6 @@ class _Pending(asyncio.Protocol):
         self._done = True
         self._cancel()
         link = self.link
-        link._pool_remove(self)
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=READ_CHUNK * 2, loop=loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
@@ -512,6 +552,10 @@ class _Pending(asyncio.Protocol):
         s = _Session(link, self.conn, reader, writer)
         s.source = self.source
         s.admitted = True
+        link._pool_swap(self, s)  # keeps its place; leaves the pool at AD4 if authenticated
+        if link.auth.mode is L.AuthModeId.PSK and self.conn.admitted_kind is L.HelloKind.BOOTSTRAP:
+            s.auth_bootstrap = True
+            link._auth_bootstraps[s.source] += 1
         task = asyncio.ensure_future(link._serve_admitted(s))
         link._sessions.add(task)
         task.add_done_callback(link._sessions.discard)
@@ -558,6 +602,8 @@ class PeerLink:
         self._pending_by_source: collections.Counter[str] = collections.Counter()
         self._listen_socks: list[socket.socket] = []
         self._trusted_sources: collections.OrderedDict[str, None] = collections.OrderedDict()
+        # psk bootstraps admitted but not established, per source (capped, §7)
+        self._auth_bootstraps: collections.Counter[str] = collections.Counter()
         self.closed_summary = RateLimitedSummary(
             log, "unauthenticated connections closed", interval=SUMMARY_SECONDS
         )
@@ -819,9 +865,14 @@ class PeerLink:
                 except OSError as exc:  # EMFILE and friends: counted in the summary, retried
                     self.closed_summary.add(f"accept_{exc.__class__.__name__}")
                     return
-                source = str(addr[0]) if isinstance(addr, tuple) and addr else ""
+                source = source_key(str(addr[0])) if isinstance(addr, tuple) and addr else ""
                 reason = "shutdown" if self._stopping else self._room_for(source)
                 if reason:
+                    if reason != "shutdown":
+                        # alert 17 before any CHALLENGE: the real initiator retries soon
+                        # without growing its back-off (§7); one send() on an empty buffer
+                        with contextlib.suppress(OSError):
+                            os.write(fd, REFUSAL_ALERT)
                     os.close(fd)
                     refused[reason] += 1
                     continue
@@ -848,6 +899,11 @@ class PeerLink:
             self._pending_by_source[p.source] += 1
             self.metrics.set_pending_connections(len(self._pending))
 
+    def _pool_swap(self, old: _Pending, new: _Session) -> None:
+        """``new`` takes ``old``'s slot in the pending pool, in the same place of the order."""
+        if old in self._pending:
+            self._pending = dict.fromkeys(new if p is old else p for p in self._pending)
+
     def _pool_remove(self, p: _Pending | _Session) -> None:
         if self._pending.pop(p, 0) is None:
             self._pending_by_source[p.source] -= 1
@@ -861,8 +917,16 @@ class PeerLink:
             await s.run()
         finally:
             self._pool_remove(s)
+            self._release_bootstrap(s)
             if self._current is s:
                 self._lost()
+
+    def _release_bootstrap(self, s: _Session) -> None:
+        if s.auth_bootstrap:
+            s.auth_bootstrap = False
+            self._auth_bootstraps[s.source] -= 1
+            if self._auth_bootstraps[s.source] <= 0:
+                del self._auth_bootstraps[s.source]
 
     def _make_room(self, source: str) -> bool:
         """:meth:`_room_for` that counts its refusal; True if the connection may be taken."""
@@ -955,10 +1019,11 @@ class PeerLink:
         s.admitted = True
         self.metrics.admission(ev.kind.name.lower(), ev.authenticated)
         if ev.authenticated:
+            # A secret was proven: leave the pool. The address is trusted only once a session
+            # is established (_on_established), so a PSK alone cannot churn the trusted list.
             s.authenticated = True
-            self._trust_source(s.source)
-        else:  # pki bootstrap: public proof only; it stays evictable until the handshake ends
-            self._pool_add(s)
+            self._pool_remove(s)
+        # else pki bootstrap: public proof only; it keeps its slot (evictable) until established
 
     def _confirmed(self, s: _Session) -> None:
         """Initiator: the responder's first record of the new session arrived: count it now."""
@@ -980,6 +1045,7 @@ class PeerLink:
         old = self._current
         if self.role is CoreRole.RESPONDER:
             self._pool_remove(s)
+            self._release_bootstrap(s)
             self._trust_source(s.source)
             if old is not None and old is not s:
                 if old.conn.state is not State.CLOSED:
@@ -1087,7 +1153,9 @@ class PeerLink:
             self.role is CoreRole.RESPONDER and not s.authenticated and not s.established.is_set()
         )
         if self.role is CoreRole.INITIATOR and not s.established.is_set():
-            s.refused_before_admit = ev.by_peer and ev.alert is L.Alert.RATE_LIMITED
+            s.refused_before_admit = (
+                ev.by_peer and ev.alert is L.Alert.RATE_LIMITED and ev.before_admit
+            )
             self.last_load_refusal = s.refused_before_admit
         if unauthenticated and not s.admitted:
             # never a handshake: count and summarise, one log line per SUMMARY_SECONDS

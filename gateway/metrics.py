@@ -117,7 +117,14 @@ HANDSHAKE_RESULTS = ("ok", "failed")
 REKEY_RESULTS = ("ok", "failed")
 ADMISSION_KINDS = ("resume", "bootstrap")
 ADMISSION_RESULTS = ("authenticated", "unauthenticated")  # proof under a secret, or public only
-EVICTION_REASONS = ("pool_full", "pool_busy", "address_cap", "hello_deadline", "shutdown")
+EVICTION_REASONS = (
+    "pool_full",
+    "pool_busy",
+    "address_cap",
+    "hello_deadline",
+    "shutdown",
+    "auth_cap",
+)
 #: Alarms the runtime is expected to raise (others are accepted, bounded).
 ALARMS = ("qkd_unavailable", "qkd_mode_downgrade", "kme_unreachable", "broker_session_lost")
 BRIDGE_EVENTS = (
@@ -421,7 +428,7 @@ class Metrics:
             "qgw_admission_evictions",
             "Connections the responder closed before a valid HELLO, by reason: pool_full (an "
             "older pending one evicted), pool_busy / address_cap (a new one refused at accept), "
-            "hello_deadline.",
+            "hello_deadline, auth_cap (a PSK-proven bootstrap beyond the cap of such connections).",
             ["reason"],
             registry=r,
         )

@@ -6,7 +6,7 @@ cookie comes from the injected RNG. :class:`gateway.core.connection.Connection` 
 only once it is done::
 
     R -> I  CHALLENGE  version, cookie                                      AD1
-    I -> R  HELLO      version, suite, auth, policy, kind, epoch, id_i, id_r,
+    I -> R  HELLO      version, suite, auth, policy, kind, epoch, id_i, id_r, n_hello,
                        proof = HMAC(K_hello, HELLO_core || cookie)[0:32]     AD2
                                                               AD3  checks, proof (cheap)
     R -> I  ADMIT      kind, epoch, proof = HMAC(K_admit, H(CHALLENGE || HELLO) || ADMIT_core)[0:32]
@@ -156,18 +156,23 @@ class Admission:
                 chain = assoc.chain
             elif assoc.next is not None and m.epoch == assoc.next[0]:
                 chain = assoc.next[1]  # a rekey was in flight when the connection broke
-            if chain is None:
-                raise Refused(L.Alert.NO_SESSION, f"no chain for epoch {m.epoch}")
-            k_hello, k_admit = resume_keys(chain, m.epoch)
-            authenticated = True
+            # No chain for that epoch, or a proof that does not verify under it: both answer
+            # alert 16 after the same work (one HMAC), so R's epoch is no oracle, and an
+            # initiator holding another chain under the same epoch bootstraps again instead of
+            # retrying for ever (§3.5 AD3).
+            k_hello, k_admit = resume_keys(chain or bytes(L.CHAIN_LEN), m.epoch)
+            authenticated = chain is not None
+            failure = Refused(L.Alert.NO_SESSION, "no chain verifies this resume HELLO")
         else:
             k_hello, k_admit = bootstrap_keys(
                 self._mode, self._s0, m.suite, m.initiator, m.responder
             )
             authenticated = self._mode is L.AuthModeId.PSK
+            failure = Refused(L.Alert.ADMISSION_FAILED, "HELLO proof does not verify")
         cookie = self._challenge_frame[6:]
-        if not constant_time_equal(_proof(k_hello, m.core() + cookie), m.proof):
-            raise Refused(L.Alert.ADMISSION_FAILED, "HELLO proof does not verify")
+        ok = constant_time_equal(_proof(k_hello, m.core() + cookie), m.proof)
+        if not ok or (m.kind is L.HelloKind.RESUME and not authenticated):
+            raise failure
         self.kind, self.epoch = m.kind, m.epoch
         core = Admit(m.kind, m.epoch, b"").core()
         proof = _proof(k_admit, sha384(self._challenge_frame + raw) + core)
@@ -177,8 +182,14 @@ class Admission:
 
     # --- initiator ---------------------------------------------------------------------
 
-    def consume_challenge(self, m: Challenge, raw: bytes, assoc: _AssociationView) -> bytes:
-        """AD2: resume when the association holds a chain, else bootstrap; returns HELLO."""
+    def consume_challenge(
+        self, m: Challenge, raw: bytes, assoc: _AssociationView, rng: Callable[[int], bytes]
+    ) -> bytes:
+        """AD2: resume when the association holds a chain, else bootstrap; returns HELLO.
+
+        ``rng`` draws n_hello: the ADMIT proof covers the whole HELLO frame, so a recorded
+        (CHALLENGE, ADMIT) pair cannot be replayed to this initiator on a new connection.
+        """
         if assoc.chain is not None:
             kind, epoch = L.HelloKind.RESUME, assoc.epoch
             k_hello, self._k_admit = resume_keys(assoc.chain, epoch)
@@ -195,6 +206,7 @@ class Admission:
             epoch=epoch,
             initiator=self._identity,
             responder=self._peer,
+            nonce=rng(L.HELLO_NONCE_LEN),
             proof=b"",
         )
         hello = dataclasses.replace(unsigned, proof=_proof(k_hello, unsigned.core() + m.cookie))

@@ -31,7 +31,7 @@ from enum import Enum, auto
 
 from gateway.core import labels as L
 from gateway.core import schedule
-from gateway.core.admission import Admission, Admitted, Refused
+from gateway.core.admission import Admission, Admitted, AdmState, Refused
 from gateway.core.auth import Authenticator, InsufficientTrust, PeerIdentity
 from gateway.core.records import RecvState, SendState
 from gateway.core.wire import (
@@ -165,6 +165,9 @@ class Closed:
     by_peer: bool
     peer_code: int | None = None  # the code of the peer's ALERT, as sent (before §8's mapping)
     refused_unconfirmed: bool = False  # initiator: the peer refused a bootstrap we had finished
+    # initiator: closed before ADMIT verified (AD5), i.e. before any QKD key was fetched; only
+    # such a load refusal (alert 17) may be retried without growing the back-off (§7)
+    before_admit: bool = False
 
 
 Event = (
@@ -216,6 +219,10 @@ class Association:
         # bootstrap credentials cannot yield a session without QKD.
         self.rebootstrap_needs_qkd = False
         self.global_bucket = (float(L.GLOBAL_BOOTSTRAP_BURST), -1.0)
+        # responder: this process has held a chain with this peer. From then on a bootstrap must
+        # bring QKD key unless qkd = off, however old the chain (§3.4 B3, §10); forget() keeps
+        # it, only a restart clears it.
+        self.had_chain = False
 
     def remember(self, cache: collections.OrderedDict[bytes, None], item: bytes) -> bool:
         """Add ``item``; False if it was already there (replay)."""
@@ -235,6 +242,11 @@ class Association:
             self.buckets.popitem(last=False)
         return ok
 
+    def has_token(self, now: float, source: str = "") -> bool:
+        """Whether :meth:`take_token` would succeed now (nothing is taken)."""
+        tokens, at = self.buckets.get(source, (float(L.BOOTSTRAP_BURST), now))
+        return min(float(L.BOOTSTRAP_BURST), tokens + (now - at) * L.BOOTSTRAP_PER_SECOND) >= 1
+
     def take_global_token(self, now: float) -> bool:
         """The budget over all sources for unauthenticated (pki) bootstrap INITs (B3)."""
         tokens, at = self.global_bucket
@@ -251,6 +263,7 @@ class Association:
         self.chain = chain
         self.epoch = epoch
         self.next = None
+        self.had_chain = True
 
     def forget(self) -> None:
         """Erase the chain (peer lost its state, or shutdown)."""
@@ -374,7 +387,11 @@ class Connection:
         self.state = State.I_EXPECT_CHALLENGE  # AD1..AD5 come first (§3.5)
 
     def _begin(self, now: float) -> None:
-        if self.assoc.chain is not None:
+        """AD5 passed: continue with what was admitted (the HELLO's kind and epoch), not with
+        whatever the association holds now."""
+        if self._adm.kind is L.HelloKind.RESUME:
+            if self.assoc.chain is None or self.assoc.epoch != self._adm.epoch:
+                raise _Fail(L.Alert.INTERNAL_ERROR, "the admitted chain is gone")
             self.resumed = True
             self.state = State.I_EXPECT_REKEY_RESP
             self._start_rekey(now)
@@ -464,7 +481,26 @@ class Connection:
             self._out += self._send.seal(L.ContentType.CLOSE, bytes([alert]))
         else:
             self._out += AlertMsg(alert, reason).encode()
-        self._finish(alert, reason, by_peer=False)
+        refused = self._refused_before_confirm()  # e.g. the dead-peer timeout before R's record
+        self._finish(alert, reason, by_peer=False, refused_unconfirmed=refused)
+
+    def transport_closed(self, now: float) -> None:
+        """The TCP connection ended without an ALERT (EOF, reset): CLOSED, one Closed event.
+
+        An initiator whose bootstrap R never confirmed discards that chain, as after an ALERT
+        (§3.5, §7): a CONFIRM lost with the connection must not leave I resuming a chain R
+        does not hold.
+        """
+        if self.state is State.CLOSED:
+            return
+        refused = self._refused_before_confirm()
+        reason = "transport closed"
+        self._finish(L.Alert.CLOSE_NOTIFY, reason, by_peer=True, refused_unconfirmed=refused)
+
+    @property
+    def admitted_kind(self) -> L.HelloKind | None:
+        """Responder: the kind of HELLO admitted at AD4 (None before AD4)."""
+        return self._adm.kind if self._adm.state is AdmState.DONE else None
 
     @property
     def suite_name(self) -> str:
@@ -503,13 +539,16 @@ class Connection:
         peer_code: int | None = None,
         refused_unconfirmed: bool = False,
     ) -> None:
+        before_admit = self.state in (State.I_EXPECT_CHALLENGE, State.I_EXPECT_ADMIT)
         self.state = State.CLOSED
         self._wipe_handshake()
         for st in (self._send, self._recv, self._recv_prev, self._send_next, self._recv_next):
             if st is not None:
                 st.wipe()
         self._send = self._recv = self._recv_prev = self._send_next = self._recv_next = None
-        self._events.append(Closed(alert, reason, by_peer, peer_code, refused_unconfirmed))
+        self._events.append(
+            Closed(alert, reason, by_peer, peer_code, refused_unconfirmed, before_admit)
+        )
 
     def _wipe_handshake(self) -> None:
         self._adm.wipe()
@@ -563,12 +602,18 @@ class Connection:
         s, role = self.state, self.params.role
         kind = self._adm.kind
         if ftype is L.FrameType.CHALLENGE and s is State.I_EXPECT_CHALLENGE:
-            self._out += self._adm.consume_challenge(Challenge.decode(body), raw, self.assoc)  # AD2
+            if body[:1] and body[0] != L.VERSION:  # §3.5: before decoding anything else
+                raise _Fail(L.Alert.UNSUPPORTED_VERSION, f"CHALLENGE version {body[0]}")
+            self._out += self._adm.consume_challenge(
+                Challenge.decode(body), raw, self.assoc, self.rng
+            )  # AD2
             self.state = State.I_EXPECT_ADMIT
         elif ftype is L.FrameType.HELLO and s is State.R_EXPECT_HELLO:
             if body[:1] and body[0] != L.VERSION:
                 raise _Fail(L.Alert.UNSUPPORTED_VERSION, f"HELLO version {body[0]}")
             admit, ev = self._adm.consume_hello(Hello.decode(body), raw, self.assoc)  # AD3
+            if ev.kind is L.HelloKind.BOOTSTRAP:
+                self._charge_bootstrap(now)  # AD3: before ADMIT, so I spends no QKD key on it
             self._out += admit  # AD4
             self._events.append(ev)
             self.state = State.R_EXPECT_INIT
@@ -593,7 +638,11 @@ class Connection:
                 or (s is State.ESTABLISHED and self.rekey_phase is RekeyPhase.IDLE)
             )
         ):
-            self._consume_rekey_init(RekeyInit.decode(body), raw, now)
+            rk = RekeyInit.decode(body)
+            if s is State.R_EXPECT_INIT and rk.epoch != self._adm.epoch + 1:
+                # §3.5 AD4: a resume admission for epoch e admits REKEY_INIT for e + 1 only
+                raise _Fail(L.Alert.UNEXPECTED_MESSAGE, "REKEY_INIT is not for the admitted epoch")
+            self._consume_rekey_init(rk, raw, now)
         elif ftype is L.FrameType.REKEY_RESP and self.rekey_phase is RekeyPhase.EXPECT_REKEY_RESP:
             self._consume_rekey_response(RekeyResp.decode(body), raw, now)
         else:
@@ -614,7 +663,7 @@ class Connection:
             if qkd is None and self._rebootstrap:
                 raise _Fail(
                     L.Alert.QKD_UNAVAILABLE,
-                    "re-bootstrap without QKD refused while a chain is live",
+                    "re-bootstrap without QKD refused after a chain existed",
                 )
             if qkd is None:
                 self._qkd_missing("bootstrap")
@@ -774,6 +823,23 @@ class Connection:
 
     # --- bootstrap: responder -----------------------------------------------------------
 
+    def _charge_bootstrap(self, now: float) -> None:
+        """AD3, bootstrap HELLO: the bootstrap budgets, charged before ADMIT is sent (§3.5).
+
+        The initiator fetches QKD key only after ADMIT, so a refusal here costs it nothing. In pki
+        and wot the HELLO proves knowledge of public values only: its INIT's dec_keys call and
+        ML-DSA signature also come out of one budget over all source addresses. The per-address
+        token is taken only once both buckets had one, so a refusal by the global budget does
+        not drain the real peer's own bucket.
+        """
+        signed = self.auth.mode in (L.AuthModeId.PKI, L.AuthModeId.WOT)
+        if not self.assoc.has_token(now, self.source):
+            raise _Fail(L.Alert.RATE_LIMITED, "too many bootstrap attempts")
+        if signed and not self.assoc.take_global_token(now):
+            self.stats["global_budget_refusals"] += 1
+            raise _Fail(L.Alert.RATE_LIMITED, "global budget for unauthenticated INITs exhausted")
+        self.assoc.take_token(now, self.source)
+
     def _consume_init(self, m: Init, raw: bytes, now: float) -> None:
         """B3 consume_init: cheap admission checks, before any KME call or signature."""
         p = self.params
@@ -798,24 +864,16 @@ class Connection:
             raise _Fail(L.Alert.QKD_POLICY_MISMATCH, "QKD key offered under qkd = off")
         if not m.qkd_offered and p.qkd_policy is L.QkdPolicyId.REQUIRED:
             raise _Fail(L.Alert.QKD_UNAVAILABLE, "no QKD key offered and qkd = required")
-        max_age = self.params.rekey_interval * L.REJECT_AFTER_FACTOR
-        if self.assoc.chain is not None and now - self.assoc.updated_at > max_age:
-            self.assoc.forget()  # the chain is stale: the session it belonged to has expired
-        self._rebootstrap = self.assoc.chain is not None
+        # Nothing here changes the association: the INIT is not authenticated yet. A chain is
+        # replaced only at B9, after CONFIRM verified (an old chain is not dropped here).
+        self._rebootstrap = self.assoc.had_chain
         if self._rebootstrap and not m.qkd_offered and p.qkd_policy is not L.QkdPolicyId.OFF:
-            # A live QKD-authenticated chain exists: a new bootstrap must bring a QKD key too,
-            # so that stolen bootstrap credentials alone cannot replace the session (§5).
+            # This process has held a chain with the peer: a new bootstrap must bring a QKD key
+            # too, however old that chain, so that stolen bootstrap credentials alone cannot
+            # yield a session without QKD (§3.4 B3, §10).
             raise _Fail(
-                L.Alert.QKD_UNAVAILABLE, "re-bootstrap without QKD refused while a chain is live"
+                L.Alert.QKD_UNAVAILABLE, "re-bootstrap without QKD refused after a chain existed"
             )
-        if not self.assoc.take_token(now, self.source):
-            raise _Fail(L.Alert.RATE_LIMITED, "too many bootstrap attempts")
-        signed = self.auth.mode in (L.AuthModeId.PKI, L.AuthModeId.WOT)
-        if signed and not self.assoc.take_global_token(now):
-            # pki and wot: the INIT is not authenticated yet; its dec_keys call and ML-DSA signature
-            # come out of one budget over all source addresses (§3.4 B3).
-            self.stats["global_budget_refusals"] += 1
-            raise _Fail(L.Alert.RATE_LIMITED, "global budget for unauthenticated INITs exhausted")
         if not self.assoc.remember(self.assoc.seen_nonces, m.nonce):
             raise ReplayError("INIT nonce seen before")
         if m.qkd_offered and not self.assoc.remember(self.assoc.used_key_ids, m.qkd_key_id):
@@ -826,6 +884,8 @@ class Connection:
             self.state = State.R_EXPECT_QKD_KEY
             self._events.append(NeedQkdKeysById((key_id_str(m.qkd_key_id),)))  # B4
         else:
+            if p.qkd_policy is L.QkdPolicyId.PREFERRED:  # a first bootstrap without QKD (§9)
+                self._qkd_missing("bootstrap (the initiator offered no QKD key)")
             self._create_response(now)
 
     def _create_response(self, now: float) -> None:
@@ -873,7 +933,7 @@ class Connection:
             self._events.append(
                 Alarm(
                     "rebootstrap",
-                    "peer bootstrapped again although a QKD-authenticated chain existed",
+                    "peer bootstrapped again although a chain existed",
                 )
             )
         th3 = sha384(prefix + raw)

@@ -21,6 +21,7 @@ PSK_LEN = 32
 ADMISSION_LEN = 32
 FINISHED_LEN = 48  # HMAC-SHA384
 REKEY_MAC_LEN = 48
+CHAIN_LEN = 48  # chain key chain_e (SHA-384 hash length, §4)
 WC_TAG_LEN = 16  # Poly1305
 REKEY_QKD_KEYS = 3  # [0] schedule input, [1] pad for REKEY_INIT, [2] pad for REKEY_RESP
 BOOTSTRAP_QKD_KEYS = 1
@@ -48,6 +49,7 @@ GLOBAL_BOOTSTRAP_PER_SECOND = 2.0
 
 # --- pre-handshake admission (docs/protocol.md §3.5) ---
 COOKIE_LEN = 32  # CHALLENGE cookie: fresh random per TCP connection
+HELLO_NONCE_LEN = 32  # HELLO n_hello: the initiator's fresh random per connection (ADMIT freshness)
 ADMISSION_PROOF_LEN = 32  # HELLO / ADMIT proof: HMAC-SHA384 truncated to 32 bytes
 
 

@@ -15,6 +15,7 @@ from gateway.core.labels import (
     COOKIE_LEN,
     FINISHED_LEN,
     FRAME_HEADER_LEN,
+    HELLO_NONCE_LEN,
     KEY_ID_LEN,
     MAX_FRAME_LEN,
     MAX_NAME_LEN,
@@ -418,15 +419,17 @@ class Hello:
     epoch: int  # resume: the epoch whose chain key the proof uses; bootstrap: 0
     initiator: str
     responder: str
+    nonce: bytes  # n_hello: fresh per connection, so a recorded ADMIT never fits a new HELLO
     proof: bytes
 
     def core(self) -> bytes:
-        """HELLO_core: the body from version through id_r (what the proof covers, with the cookie)."""
+        """HELLO_core: the body from version through n_hello (the proof covers it and the cookie)."""
         return (
             bytes([VERSION, self.suite, self.auth_mode, self.qkd_policy, self.kind])
             + struct.pack(">I", self.epoch)
             + vec8(self.initiator.encode())
             + vec8(self.responder.encode())
+            + self.nonce
         )
 
     def encode(self) -> bytes:
@@ -453,6 +456,7 @@ class Hello:
             epoch=epoch,
             initiator=_name(r),
             responder=_name(r),
+            nonce=r.take(HELLO_NONCE_LEN),
             proof=r.take(ADMISSION_PROOF_LEN),
         )
         r.end()

@@ -72,7 +72,7 @@ def admit(
     challenge = r.data_to_send()
     assert challenge[4] == L.FrameType.CHALLENGE
     hello = adm.consume_challenge(
-        Challenge.decode(challenge[5:]), challenge, assoc_i or Association()
+        Challenge.decode(challenge[5:]), challenge, assoc_i or Association(), seeded_rng(99)
     )
     r.receive_data(hello, now)
     admit_frame = r.data_to_send()

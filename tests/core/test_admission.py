@@ -63,7 +63,7 @@ def test_admission_frames_round_trip(
 ) -> None:
     if kind is L.HelloKind.BOOTSTRAP:
         epoch = 0
-    h = Hello(1, 2, 1, kind, epoch, name, "peer", proof)
+    h = Hello(1, 2, 1, kind, epoch, name, "peer", bytes(range(32)), proof)
     assert Hello.decode(h.encode()[5:]) == h
     a = Admit(kind, epoch, proof)
     assert Admit.decode(a.encode()[5:]) == a
@@ -73,7 +73,7 @@ def test_admission_frames_round_trip(
 
 
 def test_bootstrap_hello_with_an_epoch_is_a_decode_error() -> None:
-    raw = Hello(1, 1, 2, L.HelloKind.RESUME, 7, "a", "b", bytes(32)).encode()
+    raw = Hello(1, 1, 2, L.HelloKind.RESUME, 7, "a", "b", bytes(32), bytes(32)).encode()
     body = bytearray(raw[5:])
     body[4] = L.HelloKind.BOOTSTRAP
     with pytest.raises(DecodeError):
@@ -137,11 +137,14 @@ def test_resume_hello_proves_the_chain_before_any_kme_call() -> None:
         peer_name="site-b",
         s0=schedule.psk_secret(None),
     )
-    r2.receive_data(adm.consume_challenge(Challenge.decode(challenge[5:]), challenge, fake), p.now)
+    r2.receive_data(
+        adm.consume_challenge(Challenge.decode(challenge[5:]), challenge, fake, seeded_rng(12)),
+        p.now,
+    )
     events = list(iter(r2.next_event, None))
     assert not any(isinstance(e, Admitted | NeedQkdKeysById) for e in events)
     assert isinstance(events[-1], Closed)
-    assert events[-1].alert is L.Alert.ADMISSION_FAILED
+    assert events[-1].alert is L.Alert.NO_SESSION  # any failed resume: 16, no epoch oracle
 
 
 def test_resume_without_chain_gets_no_session_before_qkd_is_spent() -> None:
@@ -196,7 +199,7 @@ def test_hello_cannot_be_replayed_onto_another_connection() -> None:
     events = list(iter(r3.next_event, None))
     assert not any(isinstance(e, Admitted) for e in events)
     assert isinstance(events[-1], Closed)
-    assert events[-1].alert is L.Alert.ADMISSION_FAILED
+    assert events[-1].alert is L.Alert.NO_SESSION  # a resume HELLO: 16 (AD3)
 
 
 def test_forged_admit_is_refused_and_costs_no_qkd_key() -> None:
@@ -284,7 +287,7 @@ def test_hello_mismatch_alerts(field: str) -> None:
     r2 = Connection(p.r.conn.params, p.r.conn.auth, PROVIDER, seeded_rng(18), Association())
     r2.data_to_send()
     values = {"suite": 2, "auth_mode": 1, "qkd_policy": 0, "responder": "site-x"}
-    h = Hello(1, 2, 2, L.HelloKind.BOOTSTRAP, 0, "site-a", "site-b", bytes(32))
+    h = Hello(1, 2, 2, L.HelloKind.BOOTSTRAP, 0, "site-a", "site-b", bytes(32), bytes(32))
     r2.receive_data(dataclasses.replace(h, **{field: values[field]}).encode(), p.now)
     closed = [e for e in iter(r2.next_event, None) if isinstance(e, Closed)]
     assert closed[0].alert is expect
@@ -295,7 +298,7 @@ def test_hello_with_another_version_gets_alert_2() -> None:
     r2 = Connection(p.r.conn.params, p.r.conn.auth, PROVIDER, seeded_rng(19), Association())
     r2.data_to_send()
     raw = bytearray(
-        Hello(1, 1, 2, L.HelloKind.BOOTSTRAP, 0, "site-a", "site-b", bytes(32)).encode()
+        Hello(1, 1, 2, L.HelloKind.BOOTSTRAP, 0, "site-a", "site-b", bytes(32), bytes(32)).encode()
     )
     raw[5] = 2
     r2.receive_data(bytes(raw), p.now)
@@ -392,3 +395,236 @@ def test_responder_confirms_a_new_session_with_a_record() -> None:
         assert p.established()
         assert p.i.conn.stats["records_received"] >= 1
         assert any(f[4] == L.FrameType.RECORD for f in split_frames(p.wire_r2i))
+
+
+def test_drained_global_budget_refuses_before_admit_and_costs_the_initiator_no_qkd_key() -> None:
+    """Finding 1: pki bootstrap budgets are charged at AD3, before ADMIT. Forged bootstraps
+    from many addresses drain the global bucket; the real initiator is then refused with alert
+    17 before ADMIT (no enc_keys call), and its own per-address bucket is left untouched."""
+    p0 = Pair(auth="pki", policy=L.QkdPolicyId.PREFERRED)
+    a_i, a_r = p0.i.conn.auth, p0.r.conn.auth
+    rogue, _ = pki_auths()  # knows only the public admission keys
+    assoc_r = Association()
+    for n in range(L.GLOBAL_BOOTSTRAP_BURST):
+        att = Pair(auth="pki", policy=L.QkdPolicyId.PREFERRED, auths=(rogue, a_r),
+                   assoc_r=assoc_r, seed=100 + n)  # fmt: skip
+        att.r.conn.source = f"198.51.100.{n}"
+        att.handshake()
+    real = Pair(auth="pki", policy=L.QkdPolicyId.PREFERRED, auths=(a_i, a_r),
+                assoc_r=assoc_r, seed=7)  # fmt: skip
+    real.r.conn.source = "192.0.2.1"
+    real.handshake()
+    assert not real.i.of(NeedQkdKeys)
+    assert real.kme.delivered == []
+    (closed,) = real.i.of(Closed)
+    assert closed.alert is L.Alert.RATE_LIMITED
+    assert closed.by_peer
+    assert closed.before_admit
+    assert not any(f[4] == L.FrameType.ADMIT for f in split_frames(real.wire_r2i))
+    assert "192.0.2.1" not in assoc_r.buckets  # the global refusal took no per-address token
+
+
+def test_a_refusal_after_admit_is_not_flagged_before_admit() -> None:
+    """Finding 1: only a close before AD5 may skip the initiator's back-off (§7)."""
+    p = Pair()
+    p.i.conn.start(p.now)
+    drive_admission(p.i.conn, p.r.conn, p.now)
+    assert p.i.conn.state is not State.I_EXPECT_ADMIT  # ADMIT verified
+    p.i.conn.receive_data(AlertMsg(L.Alert.RATE_LIMITED, "rate_limited").encode(), p.now)
+    (closed,) = [e for e in iter(p.i.conn.next_event, None) if isinstance(e, Closed)]
+    assert closed.alert is L.Alert.RATE_LIMITED
+    assert not closed.before_admit
+
+
+# --- a responder that has had a chain (review findings 2 and 3) ----------------------------
+
+
+def test_forged_init_after_an_outage_does_not_drop_the_chain() -> None:
+    """Finding 3: a pki INIT (public admission keys) after > 3 x interval must not make R forget
+    the chain; the real initiator still resumes afterwards."""
+    p = Pair(auth="pki", policy=L.QkdPolicyId.PREFERRED)
+    p.handshake()
+    chain, epoch = p.assoc_r.chain, p.assoc_r.epoch
+    rogue, _ = pki_auths()
+    late = p.now + p.r.conn.params.rekey_interval * L.REJECT_AFTER_FACTOR + 1
+    att = Pair(auth="pki", policy=L.QkdPolicyId.PREFERRED, auths=(rogue, p.r.conn.auth),
+               assoc_r=p.assoc_r, seed=41)  # fmt: skip
+    att.now = late
+    att.handshake()
+    assert not att.r.of(HandshakeComplete)
+    assert (p.assoc_r.chain, p.assoc_r.epoch) == (chain, epoch)
+    again = Pair(auth="pki", policy=L.QkdPolicyId.PREFERRED,
+                 auths=(p.i.conn.auth, p.r.conn.auth), assoc_i=p.assoc_i, assoc_r=p.assoc_r,
+                 kme=p.kme, seed=42)  # fmt: skip
+    again.now = late
+    again.handshake()
+    assert again.established()
+
+
+def test_bootstrap_without_qkd_is_refused_however_old_the_chain() -> None:
+    """Finding 2: a PSK thief without KME access cannot bootstrap to R under `preferred` once R
+    has held a chain, even after the chain went stale; R's first bootstrap without QKD alarms."""
+    p = Pair(policy=L.QkdPolicyId.PREFERRED)
+    p.kme.available = False  # the first bootstrap ever: accepted without QKD, but alarmed
+    p.handshake()
+    assert p.established()
+    assert any(a.kind == "qkd_unavailable" for a in p.r.of(Alarm))
+    thief = Pair(policy=L.QkdPolicyId.PREFERRED, auths=(p.i.conn.auth, p.r.conn.auth),
+                 assoc_r=p.assoc_r, seed=43)  # fmt: skip
+    thief.kme.available = False
+    thief.now = p.now + 100 * p.r.conn.params.rekey_interval
+    thief.handshake()
+    assert not thief.r.of(HandshakeComplete)
+    assert any(c.alert is L.Alert.QKD_UNAVAILABLE for c in thief.closed())
+    # with QKD key the real initiator (which lost its state) can bootstrap again, alarmed
+    back = Pair(policy=L.QkdPolicyId.PREFERRED, auths=(p.i.conn.auth, p.r.conn.auth),
+                assoc_r=p.assoc_r, seed=44)  # fmt: skip
+    back.now = thief.now
+    back.handshake()
+    assert back.established()
+    assert any(a.kind == "rebootstrap" for a in back.r.of(Alarm))
+
+
+# --- every failed resume answers 16; an unconfirmed bootstrap is dropped (findings 4, 8) -----
+
+
+def test_resume_with_another_chain_under_the_same_epoch_rebootstraps() -> None:
+    """Finding 4: I and R hold different chains at epoch 0. R answers 16 (not 7), so I drops
+    its chain and bootstraps again (with QKD) instead of retrying the dead chain for ever."""
+    p = Pair(policy=L.QkdPolicyId.PREFERRED)
+    p.handshake()  # R: chain Z at epoch 0
+    i_assoc = Association()
+    q = Pair(policy=L.QkdPolicyId.PREFERRED, auths=(p.i.conn.auth, p.r.conn.auth),
+             assoc_i=i_assoc, kme=p.kme, seed=70)  # fmt: skip
+    q.handshake()  # I: chain Y at epoch 0; that responder's copy is lost
+    assert i_assoc.epoch == p.assoc_r.epoch == 0
+    assert i_assoc.chain != p.assoc_r.chain
+    t = Pair(policy=L.QkdPolicyId.PREFERRED, auths=(p.i.conn.auth, p.r.conn.auth),
+             assoc_i=i_assoc, assoc_r=p.assoc_r, kme=p.kme, seed=80)  # fmt: skip
+    t.handshake()
+    assert [c.alert for c in t.i.of(Closed)] == [L.Alert.NO_SESSION]
+    assert i_assoc.chain is None
+    assert i_assoc.rebootstrap_needs_qkd
+    u = Pair(policy=L.QkdPolicyId.PREFERRED, auths=(p.i.conn.auth, p.r.conn.auth),
+             assoc_i=i_assoc, assoc_r=p.assoc_r, kme=p.kme, seed=81)  # fmt: skip
+    u.handshake()
+    assert u.established()
+    assert i_assoc.chain == p.assoc_r.chain
+
+
+@pytest.mark.parametrize("how", ["eof", "timeout"])
+def test_bootstrap_closed_without_alert_before_r_confirms_is_dropped(how: str) -> None:
+    """Finding 4: the CONFIRM is lost with a TCP close (no ALERT) or the dead-peer timeout
+    fires before R's first record: I must not keep a chain R may not hold."""
+    p = Pair(policy=L.QkdPolicyId.PREFERRED)
+    drop = lambda way, b: b"" if way == "r2i" and b[4] == L.FrameType.RECORD else b
+    p.tamper = drop  # R's EPOCH_CONFIRM record never reaches I
+    p.handshake()
+    assert p.i.conn.state is State.ESTABLISHED
+    assert p.assoc_i.chain is not None
+    if how == "eof":
+        p.i.conn.transport_closed(p.now)
+    else:
+        p.i.conn.close(p.now, L.Alert.TIMEOUT, "peer silent")
+    (closed,) = [e for e in iter(p.i.conn.next_event, None) if isinstance(e, Closed)]
+    assert closed.refused_unconfirmed
+    assert p.assoc_i.chain is None
+    assert p.assoc_i.rebootstrap_needs_qkd
+
+
+def test_recorded_challenge_and_admit_do_not_replay_to_the_initiator() -> None:
+    """Finding 7: HELLO carries n_hello, so a recorded (CHALLENGE, ADMIT) pair fails AD5 on a
+    new connection (even with the very same initiator RNG otherwise) and costs no QKD key."""
+    p = Pair(policy=L.QkdPolicyId.PREFERRED)
+    p.handshake()  # recorded: a psk bootstrap
+    frames = split_frames(p.wire_r2i)
+    challenge = next(f for f in frames if f[4] == L.FrameType.CHALLENGE)
+    admit_frame = next(f for f in frames if f[4] == L.FrameType.ADMIT)
+    i = Connection(p.i.conn.params, p.i.conn.auth, PROVIDER, seeded_rng(99), Association())
+    i.start(0.0)
+    i.receive_data(challenge, 0.0)
+    assert i.data_to_send()[4] == L.FrameType.HELLO
+    i.receive_data(admit_frame, 0.0)
+    events = list(iter(i.next_event, None))
+    assert not any(isinstance(e, NeedQkdKeys) for e in events)
+    assert [e.alert for e in events if isinstance(e, Closed)] == [L.Alert.ADMISSION_FAILED]
+
+
+def test_hello_nonce_is_covered_by_the_hello_proof() -> None:
+    """Finding 7: n_hello is part of HELLO_core: a HELLO with n_hello changed is refused."""
+    p = Pair()
+    i = Connection(p.i.conn.params, p.i.conn.auth, PROVIDER, seeded_rng(5), Association())
+    i.start(0.0)
+    r = Connection(p.r.conn.params, p.r.conn.auth, PROVIDER, seeded_rng(6), Association())
+    i.receive_data(r.data_to_send(), 0.0)
+    hello = bytearray(i.data_to_send())
+    hello[-33] ^= 1  # the last byte of n_hello (the 32-byte proof follows it)
+    r.receive_data(bytes(hello), 0.0)
+    closed = [e for e in iter(r.next_event, None) if isinstance(e, Closed)]
+    assert [c.alert for c in closed] == [L.Alert.ADMISSION_FAILED]
+
+
+def test_challenge_with_another_version_gets_alert_2() -> None:
+    """Finding 10: the version byte of CHALLENGE is checked before decoding (§3.5)."""
+    p = Pair()
+    i = Connection(p.i.conn.params, p.i.conn.auth, PROVIDER, seeded_rng(5), Association())
+    i.start(0.0)
+    raw = bytearray(Challenge(bytes(32)).encode())
+    raw[5] = 2
+    i.receive_data(bytes(raw), 0.0)
+    closed = [e for e in iter(i.next_event, None) if isinstance(e, Closed)]
+    assert [c.alert for c in closed] == [L.Alert.UNSUPPORTED_VERSION]
+
+
+def _rekey_in_flight() -> Pair:
+    """I is on epoch 1 (saw REKEY_RESP); R is on epoch 0 with epoch 1 waiting in `next`."""
+    p = Pair()
+    p.handshake()
+    p.i.conn.rekey_now(p.now)
+    for ev in iter(p.i.conn.next_event, None):
+        if isinstance(ev, NeedQkdKeys):
+            p.i.conn.provide_qkd_keys(p.kme.enc_keys(ev.count), p.now)
+    p.r.conn.receive_data(p.i.conn.data_to_send(), p.now)
+    for ev in iter(p.r.conn.next_event, None):
+        if isinstance(ev, NeedQkdKeysById):
+            p.r.conn.provide_qkd_keys(p.kme.dec_keys(ev.key_ids), p.now)
+    p.i.conn.receive_data(p.r.conn.data_to_send(), p.now)
+    p.i.conn.data_to_send()
+    assert p.assoc_r.next is not None
+    return p
+
+
+def test_rekey_init_must_follow_the_admitted_epoch() -> None:
+    """Finding 9: a resume admitted for epoch 0 accepts REKEY_INIT for epoch 1 only, not a
+    REKEY_INIT for next + 1 = 2 that R would otherwise take."""
+    p = _rekey_in_flight()
+    stale = Association()
+    stale.set_chain(0, p.assoc_r.chain)  # type: ignore[arg-type]
+    r2 = Connection(p.r.conn.params, p.r.conn.auth, PROVIDER, seeded_rng(21), p.assoc_r)
+    admit(r2, p.i.conn.auth, stale, p.now)  # admitted: resume at epoch 0
+    # the real initiator (epoch 1) builds REKEY_INIT for epoch 2 on another connection
+    i3 = Connection(p.i.conn.params, p.i.conn.auth, PROVIDER, seeded_rng(22), p.assoc_i)
+    i3.start(p.now)
+    r3 = Connection(p.r.conn.params, p.r.conn.auth, PROVIDER, seeded_rng(23), p.assoc_r)
+    drive_admission(i3, r3, p.now)
+    for ev in iter(i3.next_event, None):
+        if isinstance(ev, NeedQkdKeys):
+            i3.provide_qkd_keys(p.kme.enc_keys(ev.count), p.now)
+    rekey_init = first_frame([i3.data_to_send()], L.FrameType.REKEY_INIT)
+    r2.receive_data(rekey_init, p.now)
+    events = list(iter(r2.next_event, None))
+    assert not any(isinstance(e, NeedQkdKeysById) for e in events)
+    assert [e.alert for e in events if isinstance(e, Closed)] == [L.Alert.UNEXPECTED_MESSAGE]
+
+
+def test_alert_17_before_challenge_is_a_refusal_before_admit() -> None:
+    """Finding 5: a responder refusing at accept (pool_busy, address_cap) sends alert 17 first;
+    the initiator sees a refusal before ADMIT (no back-off growth in the shell)."""
+    p = Pair()
+    i = Connection(p.i.conn.params, p.i.conn.auth, PROVIDER, seeded_rng(5), Association())
+    i.start(0.0)
+    i.receive_data(AlertMsg(L.Alert.RATE_LIMITED, "rate_limited").encode(), 0.0)
+    (closed,) = [e for e in iter(i.next_event, None) if isinstance(e, Closed)]
+    assert closed.alert is L.Alert.RATE_LIMITED
+    assert closed.by_peer
+    assert closed.before_admit

@@ -211,6 +211,7 @@ class Reference:
             + struct.pack(">I", e)
             + vec8(c["id_i"].encode())
             + vec8(c["id_r"].encode())
+            + _h(ex["inputs"]["n_hello"])  # §3.5: 32 bytes, after id_r
         )
         k_hello, _ = self._admission_keys(ex)
         proof = hmac384(k_hello, core + challenge[5 + 1 :])[:32]

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from gateway.link import (
     MAX_PENDING_CONNECTIONS,
     MAX_PENDING_PER_ADDRESS,
     _Pending,
+    source_key,
 )
 from tests.support.kme import KmeSetup, kme_process, write_kme_setup
 
@@ -154,6 +156,134 @@ def test_full_flat_pool_refuses_strangers_but_not_a_known_peer(tmp_path: Path) -
     assert flat[0] not in link._pending
 
 
+def test_ipv6_sources_share_the_limits_of_their_64(tmp_path: Path) -> None:
+    """Finding 5: one host usually holds a whole /64; its addresses count as one source."""
+    assert source_key("2001:db8::1") == source_key("2001:db8::ffff:1") == "2001:db8::/64"
+    assert source_key("2001:db8:0:1::1") != source_key("2001:db8::1")
+    assert source_key("::ffff:10.0.0.1") == "10.0.0.1"
+    link = _responder(tmp_path).link
+    for n in range(MAX_PENDING_PER_ADDRESS):
+        link._pool_add(_Pending(link, source_key(f"2001:db8::{n + 1:x}")))
+    assert not link._make_room(source_key("2001:db8::abcd"))  # address_cap for the /64
+    assert link._make_room(source_key("2001:db8:0:1::1"))
+
+
+class _FakeSession:
+    def __init__(self, source: str) -> None:
+        self.source, self.admitted, self.authenticated = source, False, False
+
+
+def test_an_authenticated_hello_alone_does_not_make_its_address_trusted(tmp_path: Path) -> None:
+    """Finding 6: a PSK thief's HELLOs must not churn the trusted list; only a session does."""
+    from gateway.core.admission import Admitted
+
+    link = _responder(tmp_path).link
+    s = _FakeSession("203.0.113.7")
+    link._pool_add(s)  # type: ignore[arg-type]
+    link._on_admitted(s, Admitted(L.HelloKind.BOOTSTRAP, 0, True))  # type: ignore[arg-type]
+    assert s.authenticated
+    assert s not in link._pending  # authenticated: out of the pool, never evicted
+    assert "203.0.113.7" not in link._trusted_sources
+
+
+def test_an_admitted_pki_bootstrap_keeps_its_place_in_the_pool(tmp_path: Path) -> None:
+    """Finding 12: the session takes over its pending connection's slot (order and count)."""
+    link = _responder(tmp_path).link
+    first, second = _Pending(link, "10.0.0.1"), _Pending(link, "10.0.0.2")
+    link._pool_add(first)
+    link._pool_add(second)
+    s = _FakeSession("10.0.0.1")
+    link._pool_swap(first, s)  # type: ignore[arg-type]
+    assert list(link._pending) == [s, second]
+    assert link._pending_by_source["10.0.0.1"] == 1
+
+
+async def test_a_refused_connection_gets_alert_17_before_any_challenge(tmp_path: Path) -> None:
+    """Finding 5: pool_busy / address_cap answer alert 17 (no back-off growth at the real
+    initiator, §7) instead of a bare close."""
+    b = _responder(tmp_path)
+    b.start()
+    socks: list[socket.socket] = []
+    try:
+        await until(lambda: b.link.listen_port is not None)
+        assert b.link.listen_port is not None
+        for _ in range(MAX_PENDING_PER_ADDRESS):  # fill the cap of one address
+            s = socket.socket()
+            s.bind(("127.0.6.1", 0))
+            s.connect(("127.0.0.1", b.link.listen_port))
+            socks.append(s)
+        await until(lambda: b.link._pending_by_source.get("127.0.6.1", 0) >= 8, 5)
+        s = socket.socket()
+        s.bind(("127.0.6.1", 0))
+        s.setblocking(False)
+        socks.append(s)
+        await asyncio.get_running_loop().sock_connect(s, ("127.0.0.1", b.link.listen_port))
+        fb = FrameBuffer()
+        async with asyncio.timeout(5):
+            while (f := fb.next_frame()) is None:
+                data = await asyncio.get_running_loop().sock_recv(s, 4096)
+                assert data, "closed without an alert"
+                fb.feed(data)
+        assert f[0] is L.FrameType.ALERT
+        assert AlertMsg.decode(f[1]).code == L.Alert.RATE_LIMITED
+    finally:
+        for s in socks:
+            s.close()
+        await b.stop()
+
+
+async def test_psk_proven_bootstraps_that_never_finish_are_capped(tmp_path: Path) -> None:
+    """Finding 6: a PSK-proven bootstrap is never evicted, so a PSK thief could hold many; past
+    MAX_AUTH_BOOTSTRAPS_PER_ADDRESS the next one gets alert 17 instead of ADMIT."""
+    from gateway.core import schedule
+    from gateway.core.admission import Admission
+    from gateway.core.connection import Association
+    from gateway.link import MAX_AUTH_BOOTSTRAPS_PER_ADDRESS
+
+    b = _responder(tmp_path)
+    b.start()
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        await until(lambda: b.link.listen_port is not None)
+        assert b.link.listen_port is not None
+        answers = []
+        for _ in range(MAX_AUTH_BOOTSTRAPS_PER_ADDRESS + 1):
+            reader, writer = await asyncio.open_connection("127.0.0.1", b.link.listen_port)
+            writers.append(writer)
+            adm = Admission(
+                initiator=True,
+                suite=b.link.params.suite,
+                auth_mode=L.AuthModeId.PSK,
+                qkd_policy=b.link.params.qkd_policy,
+                identity="site-a",
+                peer_name="site-b",
+                s0=schedule.psk_secret(b.link.auth.psk()),
+            )
+            fb = FrameBuffer()
+            frames = []
+            async with asyncio.timeout(5):
+                while len(frames) < 2:
+                    while (f := fb.next_frame()) is None:
+                        data = await reader.read(4096)
+                        assert data, "closed without a frame"
+                        fb.feed(data)
+                    frames.append(f)
+                    if f[0] is L.FrameType.CHALLENGE:
+                        hello = adm.consume_challenge(
+                            Challenge.decode(f[1]), f[2], Association(), os.urandom
+                        )
+                        writer.write(hello)
+            answers.append(frames[1][0])
+        assert answers == [L.FrameType.ADMIT] * MAX_AUTH_BOOTSTRAPS_PER_ADDRESS + [
+            L.FrameType.ALERT
+        ]
+        assert _metric(b, "qgw_admission_evictions_total", reason="auth_cap") == 1
+    finally:
+        for w in writers:
+            w.close()
+        await b.stop()
+
+
 # --- the real peer through a flood ----------------------------------------------------------
 
 
@@ -267,6 +397,41 @@ async def test_refusal_before_admit_costs_no_qkd_key_and_no_backoff(
         await a.stop()
         server.close()
         await server.wait_closed()
+
+
+async def test_refusal_after_admit_grows_the_backoff(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding 1: an alert 17 after ADMIT (the initiator has already fetched QKD key) is not a
+    cheap load refusal: A must back off as usual, not retry at once and burn a key each time."""
+    from gateway.core import connection as conn_mod
+
+    def refuse(self: conn_mod.Connection, *args: object) -> None:
+        raise conn_mod._Fail(L.Alert.RATE_LIMITED, "refused after ADMIT")
+
+    monkeypatch.setattr(conn_mod.Connection, "_consume_init", refuse)
+    da, db = site_pair(tmp_path, qkd_mode="preferred")
+    b = Site(db, tmp_path)
+    b.start()
+    await until(lambda: b.link.listen_port is not None)
+    a = Site(da, tmp_path)
+    calls = 0
+    enc_keys = a.keysource.enc_keys
+
+    async def counted(*args: Any, **kw: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return await enc_keys(*args, **kw)
+
+    a.keysource.enc_keys = counted  # type: ignore[method-assign]
+    a.start()
+    try:
+        await until(lambda: calls >= 1 and "rate_limited" in a.link.status.last_close, 15)
+        assert not a.link.is_up()
+        assert not a.link.last_load_refusal  # the back-off grows
+    finally:
+        await a.stop()
+        await b.stop()
 
 
 # --- log flood ---------------------------------------------------------------------------

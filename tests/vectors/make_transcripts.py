@@ -538,7 +538,11 @@ class Annotator:
                 "kind": "admission",
                 "epoch": h.epoch,
                 "frames": [w_ch, w_hello, where],
-                "inputs": {"cookie": ch.cookie.hex(), "hello_kind": int(h.kind)},
+                "inputs": {
+                    "cookie": ch.cookie.hex(),
+                    "n_hello": h.nonce.hex(),
+                    "hello_kind": int(h.kind),
+                },
                 "values": {
                     "HELLO_core": h.core().hex(),
                     "K_hello": k_hello.hex(),
