@@ -50,6 +50,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ deploy/constraints.
         cat .venv/pip-install.log >&2
         exit 1
     fi
-    .venv/bin/python -c "import gateway, cryptography, aiomqtt, aiohttp, pydantic_settings" 
+    .venv/bin/python -c "import gateway, cryptography, mqtt5, aiohttp, pydantic_settings, numpy"
     touch "$stamp"
 fi
