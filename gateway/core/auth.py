@@ -71,7 +71,34 @@ class PskAuthenticator:
 CertVerifier = Callable[[list[bytes], str, datetime.datetime], tuple[str, SigAlg, bytes, str]]
 
 
-class PkiAuthenticator:
+class _SigningAuthenticator:
+    """What pki and wot share: an ML-DSA key that signs the transcript, no PSK."""
+
+    def __init__(
+        self,
+        identity: str,
+        certs: tuple[bytes, ...],
+        key: SigPrivateKey,
+        provider: Provider,
+        clock: Callable[[], datetime.datetime] | None,
+    ) -> None:
+        self.identity = identity
+        self.certs = certs
+        self._key = key
+        self._provider = provider
+        self._clock = clock or (lambda: datetime.datetime.now(datetime.UTC))
+
+    def sign(self, message: bytes) -> bytes:
+        return self._provider.sign(self._key, message, SIG_CONTEXT)
+
+    def psk(self) -> bytes | None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.identity!r}, key=<secret>)"
+
+
+class PkiAuthenticator(_SigningAuthenticator):
     """PKI mode: ML-DSA certificate chain under the site CA; the name is the SAN DNS name."""
 
     mode = AuthModeId.PKI
@@ -86,15 +113,8 @@ class PkiAuthenticator:
         verifier: CertVerifier,
         clock: Callable[[], datetime.datetime] | None = None,
     ) -> None:
-        self.identity = identity
-        self.certs = certs
-        self._key = key
-        self._provider = provider
+        super().__init__(identity, certs, key, provider, clock)
         self._verifier = verifier
-        self._clock = clock or (lambda: datetime.datetime.now(datetime.UTC))
-
-    def sign(self, message: bytes) -> bytes:
-        return self._provider.sign(self._key, message, SIG_CONTEXT)
 
     def verify(
         self, certs: tuple[bytes, ...], expected_name: str, message: bytes, auth: bytes
@@ -110,12 +130,6 @@ class PkiAuthenticator:
             raise AuthenticationError("peer signature does not verify")
         return PeerIdentity(name, fingerprint)
 
-    def psk(self) -> bytes | None:
-        return None
-
-    def __repr__(self) -> str:
-        return f"PkiAuthenticator({self.identity!r}, key=<secret>)"
-
 
 class InsufficientTrust(AuthenticationError):
     """wot: the peer's key verified fewer endorsements than the policy needs (alert 21)."""
@@ -126,7 +140,7 @@ class InsufficientTrust(AuthenticationError):
 WotEvaluator = Callable[[tuple[bytes, ...], str, datetime.datetime], Verdict]
 
 
-class WotAuthenticator:
+class WotAuthenticator(_SigningAuthenticator):
     """wot mode: the peer's ML-DSA key is trusted when enough configured introducers vouch for it.
 
     ``certs`` are this gateway's endorsements (all for the key that signs); the peer's list is
@@ -146,15 +160,8 @@ class WotAuthenticator:
         evaluator: WotEvaluator,
         clock: Callable[[], datetime.datetime] | None = None,
     ) -> None:
-        self.identity = identity
-        self.certs = certs
-        self._key = key
-        self._provider = provider
+        super().__init__(identity, certs, key, provider, clock)
         self._evaluator = evaluator
-        self._clock = clock or (lambda: datetime.datetime.now(datetime.UTC))
-
-    def sign(self, message: bytes) -> bytes:
-        return self._provider.sign(self._key, message, SIG_CONTEXT)
 
     def verify(
         self, certs: tuple[bytes, ...], expected_name: str, message: bytes, auth: bytes
@@ -166,9 +173,3 @@ class WotAuthenticator:
         if not verdict.accepted:
             raise InsufficientTrust(f"web of trust: refused: {verdict.summary()}")
         return PeerIdentity(expected_name, verdict.key_fingerprint[:16])
-
-    def psk(self) -> bytes | None:
-        return None
-
-    def __repr__(self) -> str:
-        return f"WotAuthenticator({self.identity!r}, key=<secret>)"
