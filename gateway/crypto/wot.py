@@ -38,7 +38,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from gateway.crypto import SigAlg, SigPrivateKey
@@ -57,6 +57,7 @@ from gateway.crypto.x509 import (
     _validity,
     check_name,
     create_ca,
+    gateway_leaf,
     load_signing_key,
 )
 from gateway.errors import AuthenticationError, CryptoError
@@ -218,42 +219,14 @@ def endorse(
     not_after = min(not_after, icert.not_valid_after_utc)
     if not_after <= not_before:
         raise CryptoError("the introducer certificate has expired")
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(icert.subject)
-        .public_key(subject_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(subject_key), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ikey.public_key()), critical=False
-        )
-        .sign(ikey, None)
-    )
+    cert = gateway_leaf(
+        name,
+        icert.subject,
+        subject_key=subject_key,
+        issuer_key=ikey.public_key(),
+        not_before=not_before,
+        not_after=not_after,
+    ).sign(ikey, None)
     return bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 

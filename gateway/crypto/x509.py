@@ -168,6 +168,56 @@ def create_ca(
     return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
 
 
+def gateway_leaf(
+    name: str,
+    issuer: x509.Name,
+    *,
+    subject_key: Any,
+    issuer_key: Any,
+    not_before: _dt.datetime,
+    not_after: _dt.datetime,
+) -> x509.CertificateBuilder:
+    """The one gateway certificate profile (CA-issued in pki, introducer-issued in wot).
+
+    CN and SAN = the name, not a CA, digital signature only, server+client auth, SKI/AKI.
+    """
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(issuer)
+        .public_key(subject_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(subject_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key), critical=False
+        )
+    )
+
+
 def issue_cert(
     ca_cert_pem: bytes,
     ca_key_pem: bytes,
@@ -196,42 +246,14 @@ def issue_cert(
     if not_after <= not_before:
         raise CryptoError("the CA certificate has expired")
     key = _PRIV[SigAlg(alg)].generate()
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, None)
-    )
+    cert = gateway_leaf(
+        name,
+        ca_cert.subject,
+        subject_key=key.public_key(),
+        issuer_key=ca_key.public_key(),
+        not_before=not_before,
+        not_after=not_after,
+    ).sign(ca_key, None)
     return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
 
 
