@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import gc
 import logging
 import signal
@@ -26,6 +27,7 @@ from gateway.bridge.bridge import Bridge
 from gateway.config import QkdMode, Role, Settings, load_settings, require_files, rule_label
 from gateway.credentials import kme_certificate_not_after, kme_tls_context, load_credentials
 from gateway.crypto import get_provider
+from gateway.crypto.x509 import OwnCertificate
 from gateway.errors import BrokerUnavailable, ConfigError, KeySourceError, ProviderUnavailable
 from gateway.health import HttpServer, start_http
 from gateway.link import PeerLink
@@ -87,13 +89,7 @@ class Gateway:
             settings.auth.peer_name, g.peer if g.role.value == "initiator" else ""
         )
         self.certificates: dict[str, float] = {}
-        if own_cert is not None:
-            self.certificates["bootstrap"] = own_cert.not_after.timestamp()
-        kme_not_after = kme_certificate_not_after(settings)
-        if kme_not_after is not None:
-            self.certificates["kme_client"] = kme_not_after.timestamp()
-        for name, t in self.certificates.items():
-            self.metrics.set_certificate_expiry(name, t)
+        self._set_certificates(own_cert, kme_certificate_not_after(settings))
         self.transport = SecureTransport(self._send, send_nowait=self._send_nowait)
         self.bridge = Bridge(settings.mqtt, settings.gateway.site_id, self.transport)
         self.transport.attach(self.bridge.deliver)
@@ -321,6 +317,18 @@ class Gateway:
         for reason, n in c.dropped.items():
             self._bump(("-", "in", "dropped", reason), n)
 
+    def _set_certificates(
+        self, own: OwnCertificate | None, kme_not_after: datetime.datetime | None
+    ) -> None:
+        """Expiry of the certificates in use, for /status and the expiry gauge."""
+        self.certificates = {}
+        if own is not None:
+            self.certificates["bootstrap"] = own.not_after.timestamp()
+        if kme_not_after is not None:
+            self.certificates["kme_client"] = kme_not_after.timestamp()
+        for name, t in self.certificates.items():
+            self.metrics.set_certificate_expiry(name, t)
+
     # -- reload (SIGHUP) -------------------------------------------------------------------
 
     def reload(self, path: Path) -> bool:
@@ -345,13 +353,7 @@ class Gateway:
         pending = restart_only_changes(old, new)
         self.link.auth = auth
         self.auth = auth
-        self.certificates = {}
-        if own_cert is not None:
-            self.certificates["bootstrap"] = own_cert.not_after.timestamp()
-        if kme_not_after is not None:
-            self.certificates["kme_client"] = kme_not_after.timestamp()
-        for name, t in self.certificates.items():
-            self.metrics.set_certificate_expiry(name, t)
+        self._set_certificates(own_cert, kme_not_after)
         logging.getLogger().setLevel(new.logging.level.upper())
         self.settings = old.model_copy(update={"auth": new.auth, "logging": new.logging})
         self.metrics.config_reload("ok")
