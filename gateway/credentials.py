@@ -315,21 +315,17 @@ def check_credentials(
         report.lines.append(
             f"qkd: {q.source.value} client certificate, key and CA load ({q.kme_url})"
         )
-        try:
-            assert q.cert is not None
-            not_after = x509.certificate_not_after(read_file("qkd.cert", q.cert))
-        except CryptoError as exc:
-            report.problems.append(("qkd.cert", f"{q.cert}: {exc}"))
-        else:
-            left = not_after - now
-            report.lines.append(
-                f"qkd: KME client certificate valid until {not_after:%Y-%m-%d %H:%M} UTC "
-                f"({left.days} days)"
-            )
-            if left < datetime.timedelta(0):
-                report.problems.append(("qkd.cert", f"{q.cert} has expired"))
-            elif left < EXPIRY_WARNING:
-                report.warnings.append(f"qkd.cert expires in {left.days} days: renew it")
+        not_after = kme_certificate_not_after(settings)  # ConfigError naming qkd.cert
+        assert not_after is not None
+        left = not_after - now
+        report.lines.append(
+            f"qkd: KME client certificate valid until {not_after:%Y-%m-%d %H:%M} UTC "
+            f"({left.days} days)"
+        )
+        if left < datetime.timedelta(0):
+            report.problems.append(("qkd.cert", f"{q.cert} has expired"))
+        elif left < EXPIRY_WARNING:
+            report.warnings.append(f"qkd.cert expires in {left.days} days: renew it")
     return report
 
 
