@@ -126,7 +126,7 @@ EVICTION_REASONS = (
     "auth_cap",
 )
 #: Alarms the runtime is expected to raise (others are accepted, bounded).
-ALARMS = ("qkd_unavailable", "qkd_mode_downgrade", "kme_unreachable", "broker_session_lost")
+ALARMS = ("qkd_unavailable", "qkd_mode_downgrade", "kme_unreachable", "broker-session-lost")
 BRIDGE_EVENTS = (
     "forward_retry",
     "stale_retry",
@@ -380,7 +380,7 @@ class Metrics:
         self._sessions_lost = Counter(
             "qgw_broker_sessions_lost",
             "Reconnects where the local broker no longer had our persistent session "
-            "(messages published meanwhile may have been dropped; alarm broker_session_lost).",
+            "(messages published meanwhile may have been dropped; alarm broker-session-lost).",
             registry=r,
         )
         self._broker_connected = Gauge(

@@ -59,7 +59,13 @@ def tune_gc() -> None:
 
 
 KME_STATUS_SECONDS = 30.0
-#: How long the broker_session_lost alarm stays raised after the broker lost our session.
+#: Raised when the local broker came back without our persistent session (issue 18).
+BROKER_SESSION_ALARM = "broker-session-lost"
+BROKER_SESSION_DETAIL = (
+    "the local broker came back without our persistent session (session present = 0): "
+    "messages published while we were disconnected may have been dropped"
+)
+#: How long the broker-session-lost alarm stays raised after the broker lost our session.
 BROKER_SESSION_ALARM_SECONDS = 600.0
 BROKER_RETRY_MAX_SECONDS = 10.0
 
@@ -116,9 +122,8 @@ class Gateway:
         )
         self.http: HttpServer | None = None
         self._seen: Counter[tuple[str, ...]] = Counter()
-        self._session_lost_at: float | None = (
-            None  # monotonic time of the last lost session  # last total copied, per counter
-        )
+        self._session_lost_at: float | None = None  # monotonic time of the last lost session
+        self.alarm_details: dict[str, str] = {}  # alarms raised here (not by the link): detail
 
     async def _send(self, payload: bytes, via: object | None) -> None:
         await self.link.send(payload, via)
@@ -191,6 +196,7 @@ class Gateway:
         """What ``GET /status`` serves (``qgw status``): no key material."""
         st = self.link.status
         view = LinkView(**{f: getattr(st, f) for f in LinkView.__slots__})
+        view.alarms = {**view.alarms, **self.alarm_details}
         return collect_status(
             self.settings,
             self.metrics,
@@ -287,13 +293,13 @@ class Gateway:
         if lost:
             self.metrics.broker_session_lost(lost)
             self._session_lost_at = time.monotonic()
-            self.metrics.set_alarm("broker_session_lost", True)
+            self._raise_alarm(BROKER_SESSION_ALARM, BROKER_SESSION_DETAIL)
         elif (
             self._session_lost_at is not None
             and time.monotonic() - self._session_lost_at > BROKER_SESSION_ALARM_SECONDS
         ):
             self._session_lost_at = None
-            self.metrics.set_alarm("broker_session_lost", False)
+            self._clear_alarm(BROKER_SESSION_ALARM, "no further session loss for 10 minutes")
         for i, rc in enumerate(c.rules):
             rule = self.rule_labels[i]
             self._bump((rule, "out", "forwarded", ""), rc.messages_out)
@@ -316,6 +322,19 @@ class Gateway:
             self.metrics.bridge_event(name, self._delta(("event", name), total))
         for reason, n in c.dropped.items():
             self._bump(("-", "in", "dropped", reason), n)
+
+    def _raise_alarm(self, name: str, detail: str) -> None:
+        """An alarm the runtime owns: gauge, status detail and the ``alarm NAME:`` log line."""
+        self.metrics.set_alarm(name, True)
+        self.alarm_details[name] = detail
+        log.warning("alarm %s: %s", name, detail, extra={"event": "alarm", "reason": name})
+
+    def _clear_alarm(self, name: str, why: str) -> None:
+        self.metrics.set_alarm(name, False)
+        self.alarm_details.pop(name, None)
+        log.info(
+            "alarm %s cleared: %s", name, why, extra={"event": "alarm_cleared", "reason": name}
+        )
 
     def _set_certificates(
         self, own: OwnCertificate | None, kme_not_after: datetime.datetime | None

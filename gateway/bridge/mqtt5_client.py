@@ -406,7 +406,7 @@ class Mqtt5BrokerClient:
             self.sessions_lost += 1
             log.warning(
                 "broker %s:%d has no session for us (session present = 0): messages published "
-                "while we were disconnected may be lost (alarm broker_session_lost; persist "
+                "while we were disconnected may be lost (alarm broker-session-lost; persist "
                 "the broker's sessions, docs/bridge.md)",
                 self._host,
                 self._port,

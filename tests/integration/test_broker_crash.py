@@ -4,7 +4,7 @@ Before issue 18 the shipped broker config saved its database only at shutdown, s
 broker A came back without gateway A's session: the publisher's messages were acknowledged with
 nobody subscribed and dropped (145 of 3000 in 2 of 3 runs). With the database saved every
 AUTOSAVE_SECONDS the session and its subscriptions are on disk, and the broker queues for the
-gateway until it is back. A broker that lost the session anyway raises broker_session_lost.
+gateway until it is back. A broker that lost the session anyway raises broker-session-lost.
 """
 
 from __future__ import annotations
@@ -48,6 +48,6 @@ def test_broker_that_lost_our_session_raises_the_alarm(tmp_path: Path) -> None:
         broker_a.start()
         s.wait_metric("a", "qgw_broker_sessions_lost_total", lambda v: v == 1, timeout=30)
         s.wait_metric(
-            "a", "qgw_qkd_alarm", lambda v: v == 1, reason="broker_session_lost", timeout=10
+            "a", "qgw_qkd_alarm", lambda v: v == 1, reason="broker-session-lost", timeout=10
         )
         assert "has no session for us (session present = 0)" in s.gateway_log("a")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.metrics import Metrics
+from gateway.metrics import ALARMS, Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy/prometheus/qgw-alerts.yml"
@@ -91,3 +91,10 @@ def test_alert_rules_pass_promtool_check() -> None:
 def test_alert_rules_unit_tests_pass() -> None:
     r = promtool("test", "rules", RULE_TESTS.name)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_alarm_names_in_rules_are_the_gateways() -> None:
+    """An alert on ``qgw_qkd_alarm{reason="X"}`` fires only if the gateway raises alarm X."""
+    used = set(re.findall(r'qgw_qkd_alarm\{reason="([^"]+)"\}', RULES.read_text()))
+    assert "broker-session-lost" in used  # issue 18 names this alarm
+    assert used <= set(ALARMS), sorted(used - set(ALARMS))
