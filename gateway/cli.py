@@ -28,6 +28,7 @@ def _print_problems(problems: list[tuple[str, str]], out: TextIO) -> None:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from gateway.bridge.queue_check import queue_limit_warnings
     from gateway.config import check_files, load_settings, redacted_dump, to_toml
     from gateway.credentials import check_credentials
     from gateway.crypto import get_provider
@@ -52,6 +53,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             print(f"ok: {line}", file=sys.stderr)
         for warning in report.warnings:
             print(f"warning: {warning}", file=sys.stderr)
+    # The local broker's queue against the outage tolerance (a warning, also under --strict:
+    # the broker is not ours to fix, and like certificate expiry it does not stop `run`).
+    for warning in queue_limit_warnings(settings.mqtt):
+        print(f"warning: {warning}", file=sys.stderr)
     if fc.missing:
         print(f"warning: {len(fc.missing)} referenced file(s) do not exist yet:", file=sys.stderr)
         for m in fc.missing:

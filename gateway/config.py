@@ -383,6 +383,30 @@ class MqttSection(Section):
         256, ge=1, le=65535, description="Messages in flight to the peer before backpressure."
     )
     rules: list[Rule] = Field(default_factory=list, description="Topic rules ([[mqtt.rules]]).")
+    # -- sizing the local broker's queue (checked by `qgw check-config`, docs/operations.md) --
+    outage_tolerance_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="How long a WAN, peer or gateway outage must be survived without loss: the "
+        "local broker must queue this many seconds of `expected_rate`.",
+    )
+    expected_rate: float | None = Field(
+        None,
+        ge=0,
+        description="Messages per second this site publishes towards the peer, summed over the "
+        "out/both rules. Unset: the queue limit is not checked.",
+    )
+    broker_max_queued_messages: int | None = Field(
+        None,
+        ge=0,
+        description="The local broker's per-client queue limit in messages (0 = unlimited). "
+        "Unset: read from `broker_config`.",
+    )
+    broker_config: Path | None = Field(
+        None,
+        description="The local mosquitto's mosquitto.conf, read by `check-config` for "
+        "max_queued_messages / max_queued_bytes (mosquitto's default: 1000 messages).",
+    )
 
     @model_validator(mode="after")
     def _unique_rule_names(self) -> MqttSection:

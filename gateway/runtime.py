@@ -24,6 +24,7 @@ from typing import Any
 
 from gateway import sdnotify
 from gateway.bridge.bridge import Bridge
+from gateway.bridge.queue_check import queue_limit_warnings
 from gateway.config import QkdMode, Role, Settings, load_settings, require_files, rule_label
 from gateway.credentials import kme_certificate_not_after, kme_tls_context, load_credentials
 from gateway.crypto import get_provider
@@ -148,6 +149,9 @@ class Gateway:
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
+        if self.bridge_enabled:
+            for warning in queue_limit_warnings(s.mqtt):  # also in `qgw check-config`
+                log.warning("%s", warning)
         if s.metrics.listen:
             self.http = await start_http(
                 s.metrics.listen, self.metrics, self.readiness, self.status_document
@@ -417,6 +421,11 @@ RELOADABLE = frozenset(
         "auth.marginals_needed",
         "auth.revoked",
         "logging.level",
+        # read by check-config only (the broker's queue sizing): nothing to apply
+        "mqtt.outage_tolerance_seconds",
+        "mqtt.expected_rate",
+        "mqtt.broker_max_queued_messages",
+        "mqtt.broker_config",
     }
 )
 

@@ -147,6 +147,11 @@ class Mosquitto:
             lines.append("persistence false")
         return "\n".join(x for x in lines if x) + "\n" + self.extra_config + "\n"
 
+    def write_config(self) -> Path:
+        """Write the generated mosquitto.conf (``start`` does; ``check-config`` can read it)."""
+        self.config_path.write_text(self._config())
+        return self.config_path
+
     def start(self, timeout: float = START_TIMEOUT_SECONDS) -> Mosquitto:
         """Start the broker and return once it accepts TCP connections."""
         if self.running:
@@ -157,7 +162,7 @@ class Mosquitto:
         for _ in range(attempts):
             if not fixed_port:
                 self.port = free_port()
-            self.config_path.write_text(self._config())
+            self.write_config()
             self._proc = subprocess.Popen(  # noqa: S603 -- our binary, our generated config
                 [self.binary, "-c", str(self.config_path)],
                 stdin=subprocess.DEVNULL,
