@@ -24,6 +24,8 @@ Metric names (all ``qgw_``-prefixed, units in the name)::
     qgw_messages_dropped_total{rule,direction,reason} counter
     qgw_inflight_messages                             gauge
     qgw_inflight_limit_messages                       gauge
+    qgw_broker_stored_messages                        gauge, local broker's $SYS store count; NaN unknown
+    qgw_broker_dropped_messages                       gauge, local broker's $SYS dropped count; NaN unknown
     qgw_record_auth_failures_total                    counter
     qgw_records_total{direction}                      counter, direction = sent | received
     qgw_bytes_total{direction}                        counter, record plaintext bytes
@@ -388,6 +390,20 @@ class Metrics:
             "1 while the gateway's MQTT connection to the local broker is up, else 0.",
             registry=r,
         )
+        self._broker_stored = Gauge(
+            "qgw_broker_stored_messages",
+            "Messages the local broker holds (its $SYS/broker/store/messages/count: queued, "
+            "in flight and retained, broker-wide); NaN while $SYS cannot be read.",
+            registry=r,
+        )
+        self._broker_stored.set(math.nan)
+        self._broker_dropped = Gauge(
+            "qgw_broker_dropped_messages",
+            "Messages the local broker dropped since its start, e.g. at a full queue (its "
+            "$SYS/broker/publish/messages/dropped); NaN while $SYS cannot be read.",
+            registry=r,
+        )
+        self._broker_dropped.set(math.nan)
         self._cert_expiry = Gauge(
             "qgw_certificate_expiry_timestamp_seconds",
             "Unix time at which a certificate this gateway uses expires "
@@ -662,6 +678,11 @@ class Metrics:
     def set_broker_connected(self, connected: bool) -> None:
         self.broker_connected = connected
         self._broker_connected.set(1 if connected else 0)
+
+    def set_broker_queue(self, stored: int | None, dropped: int | None) -> None:
+        """The local broker's $SYS figures (``None``: not known)."""
+        self._broker_stored.set(math.nan if stored is None else stored)
+        self._broker_dropped.set(math.nan if dropped is None else dropped)
 
     def set_certificate_expiry(self, certificate: str, unix_time: float) -> None:
         """``certificate`` bootstrap|kme_client; ``unix_time`` its not-after."""

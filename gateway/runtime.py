@@ -208,6 +208,7 @@ class Gateway:
             certificates=self.certificates,
             tunnels=self.tunnels.status(),
             bridge_enabled=self.bridge_enabled,
+            broker_queue=self.bridge.broker_queue() if self.bridge_enabled else None,
         )
 
     async def _poll_kme_forever(self) -> None:
@@ -293,6 +294,11 @@ class Gateway:
         """Copy the bridge's cumulative counters into Prometheus counters (as deltas)."""
         c = self.bridge.counters
         self.metrics.set_broker_connected(self.bridge.connected)
+        queue = self.bridge.broker_queue()
+        self.metrics.set_broker_queue(
+            None if queue is None else queue["stored_messages"],
+            None if queue is None else queue["dropped_messages"],
+        )
         lost = self._delta(("broker", "sessions_lost"), self.bridge.broker_sessions_lost)
         if lost:
             self.metrics.broker_session_lost(lost)

@@ -69,6 +69,7 @@ def collect(
     now_monotonic: float | None = None,
     tunnels: list[dict[str, Any]] | None = None,
     bridge_enabled: bool = True,
+    broker_queue: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``/status`` document (a stable shape: tools read it; add keys, never rename)."""
     mono = time.monotonic() if now_monotonic is None else now_monotonic
@@ -130,6 +131,7 @@ def collect(
             "connected": metrics.broker_connected,
             "inflight": metrics.inflight,
             "inflight_limit": metrics.inflight_limit,
+            "queue": _queue(broker_queue, wall),
         },
         "rules": rules,
         "tunnels": tunnels or [],
@@ -144,6 +146,33 @@ def collect(
             {"name": name, "detail": link.alarms.get(name, "")} for name in metrics.active_alarms
         ],
     }
+
+
+def _queue(q: dict[str, Any] | None, wall: float) -> dict[str, Any] | None:
+    """``broker.queue``: the local broker's $SYS figures (Bridge.broker_queue), or None when
+    they cannot be read (no $SYS, an ACL, sys_interval 0, not connected yet)."""
+    if q is None:
+        return None
+    updated = q.get("updated")
+    out = {k: v for k, v in q.items() if k != "updated"}  # Bridge.BROKER_QUEUE_KEYS
+    out["updated"] = _iso(updated)
+    out["age_seconds"] = None if updated is None else round(max(0.0, wall - updated), 1)
+    return out
+
+
+def _queue_text(q: dict[str, Any] | None) -> str:
+    if q is None:
+        return "  broker queue: not readable ($SYS not published or not allowed for us)"
+
+    def n(key: str) -> str:
+        v = q.get(key)
+        return "?" if v is None else str(v)
+
+    return (
+        f"  broker queue: {n('stored_messages')} messages stored ({n('stored_bytes')} bytes), "
+        f"{n('dropped_messages')} dropped since broker start, clients {n('clients_connected')} "
+        f"connected / {n('clients_disconnected')} disconnected; $SYS {n('age_seconds')} s ago"
+    )
 
 
 def render_text(doc: dict[str, Any]) -> str:
@@ -182,6 +211,8 @@ def render_text(doc: dict[str, Any]) -> str:
             f"  broker: {b['url']} {'connected' if b['connected'] else 'NOT CONNECTED'}, "
             f"in flight {b['inflight']}/{b['inflight_limit']}"
         )
+        if "queue" in b:  # older gateways do not send it
+            out.append(_queue_text(b["queue"]))
     else:
         out.append("  broker: not used (tunnel only)")
     for r in doc["rules"]:

@@ -59,6 +59,16 @@ DROP_NO_RULE = "no_rule"  # inbound topic matches no in/both rule
 DROP_REJECTED = "rejected"  # peer's broker refused it for good (PeerRejected)
 DROP_QOS0_UNAVAILABLE = "qos0_peer_unavailable"  # QoS 0 is not retried
 DROP_QOS0_OVERFLOW = "qos0_overflow"  # QoS 0 while the window is full
+#: What :meth:`Bridge.broker_queue` reports (from the client's $SYS subscription).
+BROKER_QUEUE_KEYS = (
+    "stored_messages",
+    "stored_bytes",
+    "dropped_messages",
+    "clients_connected",
+    "clients_disconnected",
+    "uptime_seconds",
+    "version",
+)
 INBOUND_CACHE_TOPICS = 4096  # remembered topic mappings (peer topic -> rule, local topic)
 _MISS = object()
 _NO_PROPS = MessageProps()
@@ -133,7 +143,7 @@ class Bridge:
         self.settings = settings
         self.site_id = site_id
         self._transport = transport
-        self._client: BrokerClient = client or Mqtt5BrokerClient(settings)
+        self._client: BrokerClient = client or Mqtt5BrokerClient(settings, broker_stats=True)
         self._stop_timeout = stop_timeout
         self.counters = BridgeCounters(rules=[RuleCounters(r) for r in settings.rules])
         self._window = settings.inflight
@@ -181,6 +191,23 @@ class Bridge:
     def broker_sessions_lost(self) -> int:
         """How often the local broker came back without our persistent session."""
         return int(getattr(self._client, "sessions_lost", 0))
+
+    def broker_queue(self) -> dict[str, Any] | None:
+        """The local broker's latest ``$SYS`` statistics (``qgw status``), or None while none
+        could be read (a broker without $SYS, an ACL that forbids it, not connected yet).
+
+        Keys: ``stored_messages``, ``stored_bytes``, ``dropped_messages``,
+        ``clients_connected``, ``clients_disconnected``, ``uptime_seconds`` (int or None),
+        ``version`` (str or None) and ``updated`` (Unix time of the last value received).
+        """
+        stats = getattr(self._client, "broker_stats", None)
+        updated = getattr(self._client, "broker_stats_updated", None)
+        if not stats or updated is None:
+            return None
+        out: dict[str, Any] = dict.fromkeys(BROKER_QUEUE_KEYS)
+        out.update(stats)
+        out["updated"] = updated
+        return out
 
     # -- lifecycle ----------------------------------------------------------------------
 

@@ -84,6 +84,7 @@ class Mosquitto:
         max_queued_messages: int = 1_000_000,
         max_packet_size: int = 16 << 20,
         max_inflight_messages: int = 0,
+        sys_interval: int | None = None,
         extra_config: str = "",
     ) -> None:
         self.binary = find_mosquitto(binary)
@@ -98,6 +99,7 @@ class Mosquitto:
         self.max_queued_messages = max_queued_messages
         self.max_packet_size = max_packet_size
         self.max_inflight_messages = max_inflight_messages
+        self.sys_interval = sys_interval  # $SYS every N s (None: mosquitto's 10; 0: off)
         self.extra_config = extra_config
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -133,6 +135,7 @@ class Mosquitto:
             "log_type notice",
             "log_type information",
             "persistent_client_expiration 1d",
+            "" if self.sys_interval is None else f"sys_interval {self.sys_interval}",
         ]
         if self.persistence:
             lines += [

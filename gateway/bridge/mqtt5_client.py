@@ -17,7 +17,12 @@ packets on the socket, keeps the session rules in our hands and implements
   message;
 - persistent session (clean start false, session expiry), one SUBSCRIBE per rule with a
   subscription identifier, No Local, Retain As Published, Retain Handling 1; keepalive with
-  PINGREQ; reconnect with exponential back-off (1 .. 30 s).
+  PINGREQ; reconnect with exponential back-off (1 .. 30 s);
+- with ``broker_stats=True`` (the bridge's client), once the rules are subscribed, one more
+  SUBSCRIBE at QoS 0 for a few ``$SYS/broker/...`` topics (:data:`SYS_TOPICS`, identifier
+  :data:`SYS_SUBSCRIPTION_ID`): their latest values are kept in :attr:`broker_stats` for
+  ``qgw status`` and never reach the bridge. A refusal (ACL) or a broker that drops the
+  connection over it turns the subscription off for this process; nothing else changes.
 """
 
 from __future__ import annotations
@@ -52,6 +57,26 @@ from gateway.errors import BrokerRejected, BrokerUnavailable, GatewayError
 log = logging.getLogger("qgw.bridge.client")
 
 SWEEP_SECONDS = 1.0  # publish timeouts are checked once per second, not per message
+#: The $SYS subscription's identifier: MQTT 5's largest (3.8.2.1.2); rules use 1..len(rules).
+SYS_SUBSCRIPTION_ID = 268_435_455
+#: mosquitto's $SYS topics worth showing in `qgw status` (published every `sys_interval`,
+#: default 10 s, retained; each value only when it changed, uptime every time) -> our name.
+SYS_TOPICS = {
+    "$SYS/broker/store/messages/count": "stored_messages",  # all messages held, broker-wide
+    "$SYS/broker/messages/stored": "stored_messages",  # the same, mosquitto 1.x name
+    "$SYS/broker/store/messages/bytes": "stored_bytes",
+    "$SYS/broker/publish/messages/dropped": "dropped_messages",  # queue limits reached
+    "$SYS/broker/clients/connected": "clients_connected",
+    "$SYS/broker/clients/disconnected": "clients_disconnected",  # persistent sessions held
+    "$SYS/broker/uptime": "uptime_seconds",
+    "$SYS/broker/version": "version",
+}
+#: A connection lost within SYS_GRACE_SECONDS of the $SYS subscribe is a strike against it
+#: (a broker that drops clients over a forbidden subscription or its traffic); after
+#: SYS_STRIKES strikes in a row we stop asking, so the bridge can never loop on it.
+SYS_GRACE_SECONDS = 5.0
+SYS_STRIKES = 2
+MAX_SYS_TEXT = 100  # characters kept of a text value (version)
 MAX_PACKET_BYTES = 268_435_455 + 5  # MQTT's largest remaining length plus the fixed header
 
 _QOS = (mqtt5.QoS.AT_MOST_ONCE, mqtt5.QoS.AT_LEAST_ONCE)
@@ -225,6 +250,7 @@ class Mqtt5BrokerClient:
         keepalive_seconds: int = KEEPALIVE_SECONDS,
         connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
         publish_timeout: float = PUBLISH_TIMEOUT_SECONDS,
+        broker_stats: bool = False,
     ) -> None:
         self._settings = settings
         self._host, self._port, self._tls = parse_broker_url(settings.broker)
@@ -255,6 +281,13 @@ class Mqtt5BrokerClient:
         self._next_id = 1
         self._sweep: asyncio.TimerHandle | None = None
         self._keepalive_timer: asyncio.TimerHandle | None = None
+        # $SYS (broker_stats): latest values by our name, and when the last one arrived
+        self._sys_wanted = broker_stats
+        self._sys_pid: int | None = None  # SUBACK outstanding for the $SYS subscription
+        self._sys_sent_at: float | None = None  # monotonic time of this connection's subscribe
+        self._sys_strikes = 0
+        self.broker_stats: dict[str, int | str] = {}
+        self.broker_stats_updated: float | None = None  # time.time() of the last $SYS value
         self.protocol_errors = 0
         self.unacked_incoming = 0  # QoS 1 deliveries handed to the bridge, not yet acked
         self.receive_max_exceeded = 0  # deliveries beyond our Receive Maximum (broker's fault)
@@ -426,6 +459,8 @@ class Mqtt5BrokerClient:
         # Subscribe every time: harmless with a present session (Retain Handling 1 sends
         # retained messages only for new subscriptions), needed if the session expired.
         self._pending_subacks.clear()
+        self._sys_pid = None
+        self._sys_sent_at = None
         for s in self._subs:
             pid = self._take_id()
             self._pending_subacks.add(pid)
@@ -446,21 +481,82 @@ class Mqtt5BrokerClient:
             )
         if not self._pending_subacks:
             self._became_ready()
+            self._subscribe_sys(conn)
         self._send_queued()
 
     def _on_suback(self, p: mqtt5.SubAckPacket) -> None:
+        if p.packet_id == self._sys_pid:
+            self._on_sys_suback(p)
+            return
         for code in p.reason_codes:
             if int(code) >= 0x80:
                 log.error("broker refused a bridge subscription: %s", code.name)
         self._pending_subacks.discard(p.packet_id)
         if not self._pending_subacks:
             self._became_ready()
+            if self._conn is not None:
+                self._subscribe_sys(self._conn)
+
+    # -- $SYS: the broker's own statistics, for `qgw status` ------------------------------------
+
+    def _subscribe_sys(self, conn: _Connection) -> None:
+        """After the rules' SUBACKs (so it can never delay or break them): $SYS at QoS 0."""
+        if not self._sys_wanted or self._sys_pid is not None or conn.lost:
+            return
+        pid = self._take_id()
+        self._sys_pid = pid
+        self._sys_sent_at = time.monotonic()
+        filters = [
+            mqtt5.TopicFilter(
+                topic,
+                max_qos=mqtt5.QoS.AT_MOST_ONCE,
+                retain_as_published=True,
+                retain_handling=mqtt5.RetainHandling.SEND_ALWAYS,  # current values at once
+            )
+            for topic in SYS_TOPICS
+        ]
+        conn.write(mqtt5.SubscribePacket(pid, filters, subscription_id=SYS_SUBSCRIPTION_ID).write())
+
+    def _on_sys_suback(self, p: mqtt5.SubAckPacket) -> None:
+        self._sys_pid = -1  # answered (not None: no second SUBSCRIBE on this connection)
+        refused = [c for c in p.reason_codes if int(c) >= 0x80]
+        if refused and len(refused) == len(p.reason_codes):
+            self._sys_wanted = False
+            log.info(
+                "the broker does not let us read $SYS (%s): `qgw status` shows no broker "
+                "queue; the bridge is not affected",
+                refused[0].name,
+            )
+
+    def _on_sys_publish(self, p: mqtt5.PublishPacket) -> None:
+        """Keep one $SYS value; anything unparsable is ignored (not counted as bad input)."""
+        name = SYS_TOPICS.get(p.topic)
+        if name is None:
+            return
+        text = bytes(p.payload[:MAX_SYS_TEXT]).decode("utf-8", "replace").strip()
+        value: int | str
+        if name == "version":
+            value = "".join(ch for ch in text if ch.isprintable())
+        else:
+            word = text.split(" ", 1)[0]  # "1234 seconds" for the uptime
+            if not word.isdigit():
+                return
+            value = int(word)
+        self.broker_stats[name] = value
+        self.broker_stats_updated = time.time()
 
     def _became_ready(self) -> None:
         if self._ready is not None and not self._ready.done():
             self._ready.set_result(None)
 
     def _on_publish(self, conn: _Connection, p: mqtt5.PublishPacket) -> None:
+        sids = p.subscription_ids
+        if SYS_SUBSCRIPTION_ID in sids:
+            self._on_sys_publish(p)
+            if int(p.qos) and len(sids) == 1:  # we asked for QoS 0; ack a broker that upgraded
+                conn.write(mqtt5.PubAckPacket(p.packet_id or 0).write())
+            if len(sids) == 1:
+                return  # only ours: never handed to the bridge, never forwarded
         on_message = self._on_message
         if on_message is None or self._paused:
             return  # not acked: the broker redelivers it to the next session holder
@@ -484,7 +580,7 @@ class Mqtt5BrokerClient:
                 qos,
                 p.retain,
                 props_from_packet(p),
-                tuple(p.subscription_ids),
+                tuple(sids),
                 (conn.generation, pid),
             )
         )
@@ -567,7 +663,11 @@ class Mqtt5BrokerClient:
         for _ in range(65536):
             pid = self._next_id
             self._next_id = pid % 65535 + 1
-            if pid not in self._inflight and pid not in self._pending_subacks:
+            if (
+                pid not in self._inflight
+                and pid not in self._pending_subacks
+                and pid != self._sys_pid
+            ):
                 return pid
         raise BrokerUnavailable("no free packet identifier")  # pragma: no cover
 
@@ -662,6 +762,20 @@ class Mqtt5BrokerClient:
                 self._ready.set_exception(BrokerUnavailable("bridge client stopped"))
         if conn is not self._conn:
             return
+        sent = self._sys_sent_at
+        if sent is not None and self._sys_wanted and not self._stopping:
+            if time.monotonic() - sent < SYS_GRACE_SECONDS:
+                self._sys_strikes += 1
+                if self._sys_strikes >= SYS_STRIKES:
+                    self._sys_wanted = False
+                    log.warning(
+                        "the broker closed the connection %d times right after our $SYS "
+                        "subscribe; not subscribing to $SYS again (`qgw status` shows no "
+                        "broker queue)",
+                        self._sys_strikes,
+                    )
+            else:
+                self._sys_strikes = 0  # that connection lived: $SYS was not the problem
         if self._connected and not self._stopping:
             log.warning("disconnected from broker: %s", exc or "closed")
         self._set_disconnected("connection to the local broker lost before its PUBACK")
