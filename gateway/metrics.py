@@ -137,6 +137,7 @@ BRIDGE_EVENTS = (
     "busy_refusal",
     "decode_error",
     "internal_error",
+    "redelivery",
 )
 
 # KME latency buckets (seconds): a local KME answers in milliseconds; timeouts are seconds.
@@ -552,7 +553,8 @@ class Metrics:
             "qgw_bridge_events",
             "Delivery events worth watching during an outage: forward_retry, stale_retry "
             "(copy dropped, the broker redelivers), stale_ack, deliver_failure, busy_refusal, "
-            "decode_error, internal_error.",
+            "decode_error, internal_error, redelivery (the local broker sent a QoS 1 message "
+            "again, DUP = 1: it may reach the peer twice).",
             ["event"],
             registry=r,
         )

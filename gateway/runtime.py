@@ -327,6 +327,7 @@ class Gateway:
             # bad bytes from the peer, and malformed packets from the local broker
             "decode_error": t.decode_errors + self.bridge.broker_protocol_errors,
             "internal_error": self.link.internal_errors,
+            "redelivery": self.bridge.broker_redeliveries,
         }
         for name, total in events.items():
             self.metrics.bridge_event(name, self._delta(("event", name), total))

@@ -188,6 +188,11 @@ class Bridge:
         return int(getattr(self._client, "protocol_errors", 0))
 
     @property
+    def broker_redeliveries(self) -> int:
+        """QoS 1 messages the local broker sent again (DUP = 1): each may reach the peer twice."""
+        return int(getattr(self._client, "redeliveries", 0))
+
+    @property
     def broker_sessions_lost(self) -> int:
         """How often the local broker came back without our persistent session."""
         return int(getattr(self._client, "sessions_lost", 0))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -203,6 +204,7 @@ class Mosquitto:
         if proc is None:
             return
         if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)  # a paused broker must be able to act on SIGTERM
             proc.terminate()
             try:
                 proc.wait(timeout)
@@ -211,6 +213,17 @@ class Mosquitto:
                 proc.wait(timeout)
         if proc.stderr is not None:
             proc.stderr.close()
+
+    def pause(self) -> None:
+        """SIGSTOP: the broker stops reading and answering, its sockets stay open (a hung
+        broker, for tests); :meth:`resume` continues it."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         """Stop with SIGKILL (no database save)."""

@@ -289,6 +289,7 @@ class Mqtt5BrokerClient:
         self.broker_stats: dict[str, int | str] = {}
         self.broker_stats_updated: float | None = None  # time.time() of the last $SYS value
         self.protocol_errors = 0
+        self.redeliveries = 0  # QoS 1 deliveries with DUP = 1: the broker sent them before
         self.unacked_incoming = 0  # QoS 1 deliveries handed to the bridge, not yet acked
         self.receive_max_exceeded = 0  # deliveries beyond our Receive Maximum (broker's fault)
 
@@ -568,6 +569,8 @@ class Mqtt5BrokerClient:
             return
         pid = p.packet_id or 0
         if qos:
+            if p.duplicate:  # sent before (an earlier connection, or before a broker restart)
+                self.redeliveries += 1
             self.unacked_incoming += 1
             if self.unacked_incoming > self._receive_maximum:
                 # mosquitto 2.0.x sends past our Receive Maximum once acks flow; the bridge's
