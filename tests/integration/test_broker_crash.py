@@ -10,10 +10,12 @@ The one duplicate issue 18 saw with frequent saves is reproduced and explained b
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 from gateway.bridge.mosquitto import AUTOSAVE_SECONDS
+from tests.conftest import run_qgw
 from tests.support.sites import TwoSites, rule
 
 N = 300
@@ -52,6 +54,17 @@ def test_broker_that_lost_our_session_raises_the_alarm(tmp_path: Path) -> None:
             "a", "qgw_qkd_alarm", lambda v: v == 1, reason="broker-session-lost", timeout=10
         )
         assert "has no session for us (session present = 0)" in s.gateway_log("a")
+        assert "alarm broker-session-lost: the local broker came back without" in s.gateway_log("a")
+        # `qgw status` names it too, with its detail, next to the broker's queue from $SYS
+        url = f"http://127.0.0.1:{s.metrics_port('a')}"
+        r = run_qgw("status", "--url", url, "--json")
+        doc = json.loads(r.stdout)
+        (alarm,) = [a for a in doc["alarms"] if a["name"] == "broker-session-lost"]
+        assert "session present = 0" in alarm["detail"]
+        assert isinstance(doc["broker"]["queue"]["stored_messages"], int)
+        r = run_qgw("status", "--url", url)
+        assert "ALARM broker-session-lost: " in r.stdout
+        assert "broker queue: " in r.stdout
 
 
 def test_broker_a_kill_with_a_message_in_flight_gives_exactly_one_duplicate(
