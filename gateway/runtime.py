@@ -19,6 +19,7 @@ import logging
 import signal
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -129,13 +130,16 @@ class Gateway:
     def _link_is_up(self) -> bool:
         return self.link.is_up()
 
-    async def _route(self, payload: bytes, via: object) -> None:
+    def _route(self, payload: bytes, via: object) -> Awaitable[None] | None:
         """Route one application payload by its kind byte: 0x10-0x1F to the tunnel streams,
-        everything else (the bridge's 0x01-0x0F) to the bridge transport."""
+        everything else (the bridge's 0x01-0x0F) to the bridge transport. Tunnel payloads and
+        the bridge's batches are handled at once; a single PUB returns its awaitable."""
         if is_tunnel_payload(payload):
             self.tunnels.on_payload(payload, via)
-        else:
-            await self.transport.on_payload(payload, via)
+            return None
+        if self.transport.handle_now(payload, via):
+            return None
+        return self.transport.on_payload(payload, via)
 
     def _link_down(self) -> None:
         self.transport.link_down()
