@@ -784,6 +784,17 @@ class PeerLink:
             await asyncio.sleep(0.05)  # record budget exhausted: a rekey is under way
         raise PeerUnavailable("record budget exhausted and no rekey completed")
 
+    def can_send_now(self) -> bool:
+        """True if :meth:`send_nowait` takes a payload now and the connection's write buffer
+        is below its high-water mark (so a sender that checks this needs no await)."""
+        s = self._current
+        return (
+            s is not None
+            and s.conn.state is State.ESTABLISHED
+            and s.conn.can_send()
+            and not s.protocol.paused
+        )
+
     def send_nowait(self, payload: bytes, via: object | None = None) -> None:
         """Like :meth:`send` without waiting: protect one payload now (its records go out
         with the others of this loop iteration); raise PeerUnavailable if the link is down

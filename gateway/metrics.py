@@ -146,7 +146,7 @@ TUNNEL_REFUSALS = (
     "link_down",
 )
 TUNNEL_RESETS = ("aborted", "protocol_error", "going_away", "internal_error", "link_down")
-TUNNEL_ERRORS = ("decode", "protocol", "stale", "send")
+TUNNEL_ERRORS = ("decode", "protocol", "stale", "send", "refusals_dropped")
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,8 @@ class Gateway:
             initiator=settings.gateway.role is Role.INITIATOR,
             send=self._send,
             is_up=self._link_is_up,
+            send_nowait=self._send_nowait,
+            can_send_now=self._link_can_send_now,
         )
         self.metrics.attach_tunnels(self.tunnels.report)
         # The MQTT bridge runs when rules are configured, or when there is nothing else to do.
@@ -129,6 +131,9 @@ class Gateway:
 
     def _link_is_up(self) -> bool:
         return self.link.is_up()
+
+    def _link_can_send_now(self) -> bool:
+        return self.link.can_send_now()
 
     def _route(self, payload: bytes, via: object) -> Awaitable[None] | None:
         """Route one application payload by its kind byte: 0x10-0x1F to the tunnel streams,
