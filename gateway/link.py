@@ -76,7 +76,10 @@ LISTEN_BACKLOG = 1024  # asyncio's default of 100 overflows under a connection f
 CONNECT_ATTEMPT_SECONDS = 0.5  # initiator: first TCP connect attempt (then 1 s, 2 s, ...)
 ACCEPT_BATCH = 512  # connections accepted per readiness event of the listening socket
 SUMMARY_SECONDS = 10.0  # one log line per this many seconds about unauthenticated connections
-READ_CHUNK = 256 * 1024
+_RECORD_STATS = (
+    ("sent", "records_sent", "bytes_sent"),
+    ("received", "records_received", "bytes_received"),
+)
 REFUSAL_ALERT = AlertMsg(L.Alert.RATE_LIMITED, "rate_limited").encode()  # pool_busy, address_cap
 WRITE_HIGH_WATER = 1 << 20  # bytes queued in the socket before send() waits (backpressure)
 
@@ -157,6 +160,69 @@ def session_params(settings: Settings, role: CoreRole) -> SessionParams:
     )
 
 
+class _SessionProtocol(asyncio.Protocol):
+    """The asyncio protocol under one :class:`_Session`.
+
+    Bytes from the peer go straight into the core from ``data_received``: no task, no stream
+    objects and no wake-up of another coroutine per read (the session's own task only runs
+    timers, QKD fetches and closes). Write flow control (``pause_writing``) backs
+    :meth:`PeerLink.send`.
+    """
+
+    def __init__(self) -> None:
+        self.session: _Session | None = None
+        self.early: list[bytes] = []  # initiator: bytes that came before the session was bound
+        self.paused = False
+        self.lost = False
+        self.lost_exc: Exception | None = None
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def bind(self, session: _Session) -> None:
+        self.session = session
+        early, self.early = self.early, []
+        for data in early:
+            session.on_data(data)
+        if self.lost:
+            session.on_lost(self.lost_exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.session is None:
+            self.early.append(data)
+        else:
+            self.session.on_data(data)
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes; connection_lost(None) follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost, self.lost_exc = True, exc
+        for w in self._waiters:
+            if not w.done():
+                w.set_result(None)
+        self._waiters.clear()
+        if self.session is not None:
+            self.session.on_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        for w in self._waiters:
+            if not w.done():
+                w.set_result(None)
+        self._waiters.clear()
+
+    async def drain(self) -> None:
+        """Wait while the transport's write buffer is above its high-water mark."""
+        if self.paused and not self.lost:
+            w = asyncio.get_running_loop().create_future()
+            self._waiters.append(w)
+            await w
+        if self.lost:
+            raise ConnectionResetError("connection lost")
+
+
 class _Session:
     """One TCP connection driven through one core Connection."""
 
@@ -164,13 +230,14 @@ class _Session:
         self,
         link: PeerLink,
         conn: Connection,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        transport: asyncio.Transport,
+        protocol: _SessionProtocol,
     ) -> None:
         self.link = link
         self.conn = conn
-        self.reader = reader
-        self.writer = writer
+        self.transport = transport
+        self.protocol = protocol
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.wake = asyncio.Event()
         self.established = asyncio.Event()
         self.closed = asyncio.Event()
@@ -178,6 +245,9 @@ class _Session:
         self.tasks: set[asyncio.Task[None]] = set()
         self._flush_scheduled = False
         self._counted: collections.Counter[str] = collections.Counter()
+        self._delivering: Awaitable[None] | None = None  # an on_message that did not finish
+        self._armed_timer: float | None = None  # the core timer the run loop waits for
+        self.lost = False  # the TCP connection is gone
         self.accepted_at = self.last_rx
         self.source = ""
         self.admitted = False  # responder: a valid HELLO arrived (AD4)
@@ -215,14 +285,12 @@ class _Session:
     def _count_records(self) -> None:
         """Move the core's record counters (records and plaintext bytes) into the metrics."""
         st = self.conn.stats
-        for direction, rk, bk in (
-            ("sent", "records_sent", "bytes_sent"),
-            ("received", "records_received", "bytes_received"),
-        ):
-            n, b = st[rk] - self._counted[rk], st[bk] - self._counted[bk]
+        counted = self._counted
+        for direction, rk, bk in _RECORD_STATS:
+            n, b = st[rk] - counted[rk], st[bk] - counted[bk]
             if n or b:
                 self.link.metrics.records(direction, n, b)
-                self._counted[rk], self._counted[bk] = st[rk], st[bk]
+                counted[rk], counted[bk] = st[rk], st[bk]
 
     def schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -235,52 +303,74 @@ class _Session:
 
     def flush(self) -> None:
         out = self.conn.data_to_send()
-        if out and not self.writer.is_closing():
-            self.writer.write(out)
-            self.last_tx = self.now()
+        if out and not self.transport.is_closing():
+            self.transport.write(out)
+            self.last_tx = time.monotonic()
         self._count_records()
 
-    async def run(self) -> None:
-        read_task: asyncio.Task[bytes] | None = None
+    # --- from the transport (callbacks, never awaited) ---
+
+    def on_data(self, data: bytes) -> None:
+        """Bytes from the peer: through the core, events handled, answers written, at once."""
+        conn = self.conn
+        if conn.state is State.CLOSED:
+            return
+        now = time.monotonic()
+        self.last_rx = now
         try:
-            while self.conn.state is not State.CLOSED:
-                await self._handle_events()
+            conn.receive_data(data, now)
+            if self.count_ok is not None and conn.stats["records_received"]:
+                self.link._confirmed(self)  # R's first record: the session is real
+            self.dispatch()
+        except Exception as exc:  # noqa: BLE001 -- a bug must cost one connection, never the gateway
+            self.abort_internal("session", exc)
+        self.flush()
+        if conn.state is not State.ESTABLISHED or conn.get_timer() != self._armed_timer:
+            self.wake.set()  # closed, handshaking or a new deadline: the run loop looks again
+
+    def on_lost(self, exc: Exception | None) -> None:
+        if self.lost:
+            return
+        self.lost = True
+        if not self.is_closed():
+            self.link.status.last_close = (
+                "peer closed the TCP connection"
+                if exc is None
+                else f"connection lost: {exc.__class__.__name__}"
+            )
+            self.conn.transport_closed(time.monotonic())  # core: CLOSED (its event is not read)
+        self.wake.set()
+
+    # --- the session task: timers, QKD fetches, slow deliveries, the close ---
+
+    async def run(self) -> None:
+        try:
+            while True:
+                if self._delivering is not None:
+                    await self._finish_delivery()
+                    continue
+                waiting = self.dispatch()
                 self.flush()
-                # No drain() here: a read loop that waits for its own writes deadlocks when
-                # both gateways send in bulk at once (each waits for the other to read).
-                # Application sends wait in PeerLink.send; what this loop writes is small.
-                if self.is_closed():
+                if self.is_closed() or self.lost:
                     break
+                if waiting:
+                    continue
                 now = self.now()
                 timers = [self.last_rx + self.idle_limit()]
                 if self.conn.state is State.ESTABLISHED:
                     timers.append(self.last_tx + KEEPALIVE_SECONDS)
-                if (t := self.conn.get_timer()) is not None:
-                    timers.append(t)
+                self._armed_timer = self.conn.get_timer()
+                if self._armed_timer is not None:
+                    timers.append(self._armed_timer)
                 if (t := self.hello_deadline()) is not None:
                     timers.append(t)
-                timeout = max(0.0, min(timers) - now)
-                if read_task is None:
-                    read_task = asyncio.ensure_future(self.reader.read(READ_CHUNK))
-                wake = asyncio.ensure_future(self.wake.wait())
-                done, _ = await asyncio.wait(
-                    {read_task, wake}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                )
-                wake.cancel()
                 self.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, min(timers) - now)):
+                        await self.wake.wait()
+                if self.is_closed() or self.lost:
+                    continue
                 now = self.now()
-                if read_task in done:
-                    data = read_task.result()
-                    read_task = None
-                    if not data:
-                        self.link.status.last_close = "peer closed the TCP connection"
-                        self.conn.transport_closed(now)  # core: CLOSED (its event is not read)
-                        break
-                    self.last_rx = now
-                    self.conn.receive_data(data, now)
-                    self._count_records()
-                    if self.count_ok is not None and self.conn.stats["records_received"]:
-                        self.link._confirmed(self)  # R's first record: the session is real
                 t = self.conn.get_timer()
                 if t is not None and now >= t:
                     self.conn.handle_timer(now)
@@ -296,32 +386,74 @@ class _Session:
                 ):
                     with contextlib.suppress(LocalProtocolError):
                         self.conn.send_message(b"", now)
-            await self._handle_events()
+            await self._drain_events()
             self.flush()
-            with contextlib.suppress(ConnectionError, OSError):
-                await asyncio.wait_for(self.writer.drain(), 2)
-        except (ConnectionError, OSError) as exc:
-            self.link.status.last_close = f"connection lost: {exc.__class__.__name__}"
         except Exception as exc:  # noqa: BLE001 -- a bug must cost one connection, never the gateway
             self.abort_internal("session", exc)
             with contextlib.suppress(Exception):
-                await self._handle_events()  # the Closed event: counted like any other close
+                await self._drain_events()  # the Closed event: counted like any other close
                 self.flush()  # alert 19 to the peer before the socket closes
-                await asyncio.wait_for(self.writer.drain(), 2)
         finally:
-            if read_task is not None:
-                read_task.cancel()
             for task in list(self.tasks):
                 task.cancel()
             self.closed.set()
-            self.writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.writer.wait_closed(), 2)
+            await self._close_transport()
 
-    async def _handle_events(self) -> None:
+    async def _finish_delivery(self) -> None:
+        """Await an on_message that had to wait; then the events behind it, in order."""
+        d, self._delivering = self._delivering, None
+        assert d is not None
+        await d
+        self.dispatch()
+        self.flush()
+        if self._delivering is None and not self.lost and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    async def _drain_events(self) -> None:
+        while True:
+            if self._delivering is not None:
+                d, self._delivering = self._delivering, None
+                await d
+            if not self.dispatch():
+                return
+
+    async def _close_transport(self) -> None:
+        """Close after the write buffer drained (the peer gets our last alert), at most 2 s."""
+        transport = self.transport
+        if not transport.is_closing():
+            transport.close()
+        if not self.protocol.lost:
+            waiter = asyncio.get_running_loop().create_future()
+            self.protocol._waiters.append(waiter)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2):
+                    while not self.protocol.lost:
+                        await waiter
+                        if not self.protocol.lost:
+                            waiter = asyncio.get_running_loop().create_future()
+                            self.protocol._waiters.append(waiter)
+        if not self.protocol.lost:
+            transport.abort()
+
+    def dispatch(self) -> bool:
+        """Handle the core's events, in order. An application message whose handler must wait
+        stops here (returns True): reading pauses and the session task goes on once it is
+        done."""
+        if self._delivering is not None:
+            return True
         link = self.link
-        while (ev := self.conn.next_event()) is not None:
-            if isinstance(ev, Admitted):
+        conn = self.conn
+        while (ev := conn.next_event()) is not None:
+            if isinstance(ev, MessageReceived):
+                if ev.data:
+                    pending = link._deliver(ev.data, self)
+                    if pending is not None:
+                        self._delivering = pending
+                        if not self.transport.is_closing():
+                            self.transport.pause_reading()
+                        self.wake.set()
+                        return True
+            elif isinstance(ev, Admitted):
                 link._on_admitted(self, ev)
             elif isinstance(ev, NeedQkdKeys):
                 self._spawn(self._fetch(ev.count, None), "qkd_fetch")
@@ -331,13 +463,11 @@ class _Session:
                 link._on_established(self, ev)
             elif isinstance(ev, RekeyComplete):
                 link._on_rekey(self, ev)
-            elif isinstance(ev, MessageReceived):
-                if ev.data:
-                    await link._deliver(ev.data, self)
             elif isinstance(ev, Alarm):
                 link._on_alarm(ev)
             elif isinstance(ev, Closed):
                 link._on_closed(self, ev)
+        return False
 
     def _spawn(self, coro: Awaitable[None], where: str) -> None:
         task = asyncio.ensure_future(self._guarded(coro, where))
@@ -543,13 +673,10 @@ class _Pending(asyncio.Protocol):
         self._done = True
         self._cancel()
         link = self.link
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=READ_CHUNK * 2, loop=loop)
-        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        protocol = _SessionProtocol()
         self.transport.set_protocol(protocol)
-        protocol.connection_made(self.transport)
-        writer = asyncio.StreamWriter(self.transport, protocol, reader, loop)
-        s = _Session(link, self.conn, reader, writer)
+        s = _Session(link, self.conn, self.transport, protocol)
+        protocol.bind(s)
         s.source = self.source
         s.admitted = True
         link._pool_swap(self, s)  # keeps its place; leaves the pool at AD4 if authenticated
@@ -572,7 +699,7 @@ class PeerLink:
         provider: Provider,
         keysource: KeySource | None,
         metrics: Metrics,
-        on_message: Callable[[bytes, object], Awaitable[None]],
+        on_message: Callable[[bytes, object], Awaitable[None] | None],
         on_down: Callable[[], None] | None = None,
         rng: Callable[[int], bytes] = os.urandom,
     ) -> None:
@@ -648,14 +775,25 @@ class PeerLink:
                 except LocalProtocolError as exc:
                     raise PeerUnavailable(f"cannot send: {exc}") from exc
                 s.schedule_flush()  # records of this loop iteration go out in one write
-                if s.writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+                if s.protocol.paused:
                     try:
-                        await s.writer.drain()
+                        await s.protocol.drain()
                     except (ConnectionError, OSError) as exc:
                         raise PeerUnavailable("peer link lost while sending") from exc
                 return
             await asyncio.sleep(0.05)  # record budget exhausted: a rekey is under way
         raise PeerUnavailable("record budget exhausted and no rekey completed")
+
+    def can_send_now(self) -> bool:
+        """True if :meth:`send_nowait` takes a payload now and the connection's write buffer
+        is below its high-water mark (so a sender that checks this needs no await)."""
+        s = self._current
+        return (
+            s is not None
+            and s.conn.state is State.ESTABLISHED
+            and s.conn.can_send()
+            and not s.protocol.paused
+        )
 
     def send_nowait(self, payload: bytes, via: object | None = None) -> None:
         """Like :meth:`send` without waiting: protect one payload now (its records go out
@@ -732,7 +870,7 @@ class PeerLink:
         while not self._stopping:
             self.metrics.set_session("connecting")
             try:
-                reader, writer = await self._connect(host, int(port))
+                transport, protocol = await self._connect(host, int(port))
             except (OSError, TimeoutError) as exc:
                 self.status.last_close = f"connect failed: {exc.__class__.__name__}"
                 log.info(
@@ -743,7 +881,7 @@ class PeerLink:
                 )
             else:
                 self.last_load_refusal = False
-                ok = await self._serve_connection(reader, writer)
+                ok = await self._serve_connection(transport, protocol)
                 if ok:
                     delay = 0.5
                 elif not self.last_load_refusal and not self.stopping():
@@ -764,9 +902,7 @@ class PeerLink:
             await asyncio.sleep(random.uniform(0.5, 1.0) * delay)  # noqa: S311 -- jitter, not a secret
             delay = min(cap, delay * 2)
 
-    async def _connect(
-        self, host: str, port: int
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _connect(self, host: str, port: int) -> tuple[asyncio.Transport, _SessionProtocol]:
         """TCP connect within ``connect_timeout_seconds``, in attempts of 0.5 s, 1 s, 2 s, ...
 
         A SYN dropped by a responder whose accept queue a flood has filled would otherwise wait
@@ -780,24 +916,28 @@ class PeerLink:
             if left <= 0:
                 raise TimeoutError("connect timed out")
             try:
-                return await asyncio.wait_for(
-                    asyncio.open_connection(host, port), min(attempt, left)
+                transport, protocol = await asyncio.wait_for(
+                    loop.create_connection(_SessionProtocol, host, port), min(attempt, left)
                 )
             except TimeoutError:
                 attempt *= 2
+                continue
+            assert isinstance(transport, asyncio.Transport)
+            return transport, protocol
 
     async def _serve_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, transport: asyncio.Transport, protocol: _SessionProtocol
     ) -> bool:
         """Run one connection; True if it reached ESTABLISHED (initiator: confirmed by R)."""
         conn = Connection(self.params, self.auth, self.provider, self.rng, self.assoc)
-        s = _Session(self, conn, reader, writer)
+        s = _Session(self, conn, transport, protocol)
         self.status.connected = True
         self.metrics.set_peer_connected(True)
         self.metrics.set_session("handshaking")
         if self.role is CoreRole.INITIATOR:
             self._current = s
             conn.start(s.now())
+        protocol.bind(s)  # bytes that arrived before the session existed go in now
         try:
             await s.run()
         finally:
@@ -1206,9 +1346,24 @@ class PeerLink:
             return
         log.log(level, "connection closed: %s", st.last_close, extra=fields)
 
-    async def _deliver(self, data: bytes, via: _Session) -> None:
+    def _deliver(self, data: bytes, via: _Session) -> Awaitable[None] | None:
+        """Hand one application payload to ``on_message``. It may finish at once (returns
+        None: the usual case, no task and no await per message) or return an awaitable, which
+        the session awaits before it handles anything behind this payload."""
         try:
-            await self.on_message(data, via)
+            pending = self.on_message(data, via)
+        except GatewayError as exc:
+            log.warning("peer message not handled: %s", exc)
+            return None
+        except Exception:
+            self.internal_errors += 1
+            log.exception("peer message handler failed")
+            return None
+        return None if pending is None else self._deliver_later(pending)
+
+    async def _deliver_later(self, pending: Awaitable[None]) -> None:
+        try:
+            await pending
         except GatewayError as exc:
             log.warning("peer message not handled: %s", exc)
         except Exception:

@@ -149,7 +149,7 @@ TUNNEL_REFUSALS = (
     "link_down",
 )
 TUNNEL_RESETS = ("aborted", "protocol_error", "going_away", "internal_error", "link_down")
-TUNNEL_ERRORS = ("decode", "protocol", "stale", "send")
+TUNNEL_ERRORS = ("decode", "protocol", "stale", "send", "refusals_dropped")
 
 
 @dataclass(frozen=True)
@@ -568,6 +568,7 @@ class Metrics:
             registry=r,
         )
         self._rec_dir_v = _Vocabulary(RECORD_DIRECTIONS)
+        self._rec_children: dict[str, tuple[Counter, Counter]] = {}
         self._records = Counter(
             "qgw_records",
             "Records by direction (sent|received).",
@@ -821,11 +822,15 @@ class Metrics:
 
     def records(self, direction: str, count: int = 1, nbytes: int = 0) -> None:
         """Count ``count`` records of ``nbytes`` plaintext bytes in total, ``direction`` sent|received."""
-        label = self._rec_dir_v(direction)
+        children = self._rec_children.get(direction)
+        if children is None:  # the labelled children, looked up once (this runs per flush)
+            label = self._rec_dir_v(direction)
+            children = (self._records.labels(direction=label), self._bytes.labels(direction=label))
+            self._rec_children[direction] = children
         if count > 0:
-            self._records.labels(direction=label).inc(count)
+            children[0].inc(count)
         if nbytes > 0:
-            self._bytes.labels(direction=label).inc(nbytes)
+            children[1].inc(nbytes)
 
     # -- tunnels -------------------------------------------------------------------------
 

@@ -299,9 +299,9 @@ class SecureTransport:
 
     # --- inbound ---
 
-    async def on_payload(self, data: bytes, via: object = None) -> None:
-        """Handle one payload from the peer (called in order by the link; ``via`` names the
-        connection it came on, and its ACK goes back on that connection only)."""
+    def handle_now(self, data: bytes, via: object = None) -> bool:
+        """Handle a PUB_BATCH or ACK_BATCH at once (they never wait: no task, no await per
+        payload); False for any other kind, which :meth:`on_payload` handles."""
         kind = data[0] if data else -1
         if kind == ACK_BATCH:
             try:
@@ -309,12 +309,19 @@ class SecureTransport:
             except DecodeError as exc:
                 self.decode_errors += 1
                 log.debug("malformed ACK_BATCH from peer dropped: %s", exc)
-                return
+                return True
             for mid, status in answers:
                 self._answer(mid, status)
-            return
+            return True
         if kind == PUB_BATCH:
             self._on_pub_batch(data, via)
+            return True
+        return False
+
+    async def on_payload(self, data: bytes, via: object = None) -> None:
+        """Handle one payload from the peer (called in order by the link; ``via`` names the
+        connection it came on, and its ACK goes back on that connection only)."""
+        if self.handle_now(data, via):
             return
         if len(data) < 9:
             self.decode_errors += 1

@@ -19,6 +19,7 @@ import logging
 import signal
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,8 @@ class Gateway:
             initiator=settings.gateway.role is Role.INITIATOR,
             send=self._send,
             is_up=self._link_is_up,
+            send_nowait=self._send_nowait,
+            can_send_now=self._link_can_send_now,
         )
         self.metrics.attach_tunnels(self.tunnels.report)
         # The MQTT bridge runs when rules are configured, or when there is nothing else to do.
@@ -135,13 +138,19 @@ class Gateway:
     def _link_is_up(self) -> bool:
         return self.link.is_up()
 
-    async def _route(self, payload: bytes, via: object) -> None:
+    def _link_can_send_now(self) -> bool:
+        return self.link.can_send_now()
+
+    def _route(self, payload: bytes, via: object) -> Awaitable[None] | None:
         """Route one application payload by its kind byte: 0x10-0x1F to the tunnel streams,
-        everything else (the bridge's 0x01-0x0F) to the bridge transport."""
+        everything else (the bridge's 0x01-0x0F) to the bridge transport. Tunnel payloads and
+        the bridge's batches are handled at once; a single PUB returns its awaitable."""
         if is_tunnel_payload(payload):
             self.tunnels.on_payload(payload, via)
-        else:
-            await self.transport.on_payload(payload, via)
+            return None
+        if self.transport.handle_now(payload, via):
+            return None
+        return self.transport.on_payload(payload, via)
 
     def _link_down(self) -> None:
         self.transport.link_down()

@@ -422,6 +422,12 @@ class Connection:
         if len(data) > self.params.max_message_bytes:
             raise LocalProtocolError("message larger than max_message_bytes")
         assert self._send is not None
+        if len(data) <= L.MAX_RECORD_PLAINTEXT:  # the common case: one DATA record
+            self._out += self._send.seal(L.ContentType.DATA, data)
+            self.stats["records_sent"] += 1
+            self.stats["bytes_sent"] += len(data)
+            self._maybe_budget_rekey(now)
+            return
         chunks = [
             data[i : i + L.MAX_RECORD_PLAINTEXT]
             for i in range(0, len(data), L.MAX_RECORD_PLAINTEXT)

@@ -12,15 +12,24 @@ from gateway.core.labels import RECORD_HEADER_LEN, ContentType, FrameType
 from gateway.crypto import AEAD_TAG_LEN, Aead
 from gateway.errors import AuthenticationError, LocalProtocolError, ReplayError
 
+_HEADER = struct.Struct(">IBIQ")
+_RECORD = int(FrameType.RECORD)
+#: content-type byte -> ContentType (a tuple lookup: cheaper than the enum call per record)
+_CONTENT_TYPES: tuple[ContentType | None, ...] = tuple(
+    ContentType(b) if b in ContentType._value2member_map_ else None for b in range(256)
+)
+
+
+_CTYPE_BYTES = {c: bytes([c]) for c in ContentType}
+
 
 def record_nonce(iv: bytes, seq: int) -> bytes:
-    padded = bytes(4) + struct.pack(">Q", seq)
-    return bytes(a ^ b for a, b in zip(iv, padded, strict=True))
+    """``IV XOR (0^32 || u64 seq)`` (REC1)."""
+    return (int.from_bytes(iv, "big") ^ seq).to_bytes(12, "big")
 
 
 def record_header(epoch: int, seq: int, ciphertext_len: int) -> bytes:
-    length = 1 + 4 + 8 + ciphertext_len
-    return struct.pack(">IBIQ", length, FrameType.RECORD, epoch, seq)
+    return _HEADER.pack(1 + 4 + 8 + ciphertext_len, _RECORD, epoch, seq)
 
 
 class _DirectionState:
@@ -31,7 +40,7 @@ class _DirectionState:
     def __init__(self, epoch: int, key: bytes, iv: bytes, max_records: int, max_bytes: int) -> None:
         self.epoch = epoch
         self._aead = Aead(key)
-        self._iv = iv
+        self._iv = int.from_bytes(iv, "big")  # the nonce is this XOR seq (REC1)
         self.seq = 0
         self.bytes = 0
         self.max_records = max_records
@@ -39,7 +48,7 @@ class _DirectionState:
 
     def wipe(self) -> None:
         self._aead.wipe()
-        self._iv = b""
+        self._iv = 0
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(epoch={self.epoch}, seq={self.seq}, key=<secret>)"
@@ -57,10 +66,11 @@ class SendState(_DirectionState):
         """REC1: seal one record and return the whole frame."""
         if not self.room(len(data)):
             raise LocalProtocolError("record budget of this epoch is exhausted; rekey first")
-        plaintext = bytes([ctype]) + data
-        header = record_header(self.epoch, self.seq, len(plaintext) + AEAD_TAG_LEN)
-        ct = self._aead.seal(record_nonce(self._iv, self.seq), plaintext, header)
-        self.seq += 1
+        seq = self.seq
+        plaintext = _CTYPE_BYTES[ctype] + data
+        header = _HEADER.pack(len(plaintext) + (4 + 8 + 1 + AEAD_TAG_LEN), _RECORD, self.epoch, seq)
+        ct = self._aead.seal((self._iv ^ seq).to_bytes(12, "big"), plaintext, header)
+        self.seq = seq + 1
         self.bytes += len(data)
         return header + ct
 
@@ -76,15 +86,14 @@ class RecvState(_DirectionState):
             raise ReplayError(f"record sequence {seq} where {self.seq} was expected")
         if self.seq >= self.max_records:
             raise AuthenticationError("peer exceeded the record budget of this epoch")
-        header = record_header(self.epoch, seq, len(ciphertext))
-        plaintext = self._aead.open(record_nonce(self._iv, seq), ciphertext, header)
+        header = _HEADER.pack(1 + 4 + 8 + len(ciphertext), _RECORD, self.epoch, seq)
+        plaintext = self._aead.open((self._iv ^ seq).to_bytes(12, "big"), ciphertext, header)
         self.seq += 1
         if not plaintext:
             raise AuthenticationError("empty record plaintext")
-        try:
-            ctype = ContentType(plaintext[0])
-        except ValueError as exc:
-            raise AuthenticationError("unknown record content type") from exc
+        ctype = _CONTENT_TYPES[plaintext[0]]
+        if ctype is None:
+            raise AuthenticationError("unknown record content type")
         self.bytes += len(plaintext) - 1
         if self.bytes > self.max_bytes:
             raise AuthenticationError("peer exceeded the byte budget of this epoch")

@@ -148,37 +148,56 @@ def frame(ftype: FrameType, body: bytes) -> bytes:
     return struct.pack(">IB", len(body) + 1, ftype) + body
 
 
-class FrameBuffer:
-    """Splits a byte stream into frames. Raises DecodeError on an oversize or unknown frame."""
+_U32 = struct.Struct(">I")
+#: frame-type byte -> FrameType (a tuple lookup per frame instead of an enum call)
+_FRAME_TYPES: tuple[FrameType | None, ...] = tuple(
+    FrameType(b) if b in FrameType._value2member_map_ else None for b in range(256)
+)
 
-    __slots__ = ("_buf",)
+
+class FrameBuffer:
+    """Splits a byte stream into frames. Raises DecodeError on an oversize or unknown frame.
+
+    Consumed bytes are dropped in one step once they are more than half the buffer, not per
+    frame, so a read of many small frames costs no repeated moves of the rest."""
+
+    __slots__ = ("_buf", "_pos")
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        self._pos = 0
 
     def feed(self, data: bytes) -> None:
+        if self._pos and self._pos * 2 >= len(self._buf):
+            del self._buf[: self._pos]
+            self._pos = 0
         self._buf += data
 
     def next_frame(self) -> tuple[FrameType, bytes, bytes] | None:
         """Return (type, body, whole frame bytes) or None if incomplete."""
-        if len(self._buf) < FRAME_HEADER_LEN:
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < FRAME_HEADER_LEN:
             return None
-        (length,) = struct.unpack(">I", self._buf[:4])
+        (length,) = _U32.unpack_from(buf, pos)
         if length < 1 or length > MAX_FRAME_LEN:
             raise DecodeError("frame length out of range")
-        if len(self._buf) < 4 + length:
+        end = pos + 4 + length
+        if len(buf) < end:
             return None
-        raw = bytes(self._buf[: 4 + length])
-        del self._buf[: 4 + length]
-        try:
-            ftype = FrameType(raw[4])
-        except ValueError as exc:
-            raise DecodeError("unknown frame type") from exc
+        ftype = _FRAME_TYPES[buf[pos + 4]]
+        if ftype is None:
+            raise DecodeError("unknown frame type")
+        raw = bytes(buf[pos:end])
+        if end == len(buf):
+            buf.clear()
+            self._pos = 0
+        else:
+            self._pos = end
         return ftype, raw[5:], raw
 
     @property
     def pending(self) -> int:
-        return len(self._buf)
+        return len(self._buf) - self._pos
 
 
 # --- handshake messages -------------------------------------------------------------------
@@ -514,14 +533,15 @@ class AlertMsg:
         return AlertMsg(code, reason)
 
 
+_RECORD_HEAD = struct.Struct(">IQ")
+
+
 def decode_record_header(body: bytes) -> tuple[int, int, bytes]:
     """RECORD body -> (epoch, seq, ciphertext)."""
-    r = Reader(body)
-    epoch, seq = r.u32(), r.u64()
-    ct = r.rest()
-    if len(ct) < 17:  # 1 content-type byte + 16-byte tag at least
-        raise DecodeError("record too short")
-    return epoch, seq, ct
+    if len(body) < 4 + 8 + 17:  # epoch, seq, 1 content-type byte + 16-byte tag at least
+        raise DecodeError("record too short" if len(body) >= 12 else "message truncated")
+    epoch, seq = _RECORD_HEAD.unpack_from(body)
+    return epoch, seq, body[12:]
 
 
 DECODERS = {

@@ -3,8 +3,10 @@
 :class:`TunnelService` owns one :class:`~gateway.tunnel.mux.Multiplexer`, a listening server per
 ``listen`` tunnel and the connections it dials for ``connect`` tunnels. Payloads from the peer
 come in through :meth:`TunnelService.on_payload` (called by the runtime's kind router, in
-order, never awaited for long); payloads for the peer go out through the ``send`` coroutine
-(``PeerLink.send``) from one sender task, so the read loop of the link never waits on a socket.
+order, never awaited); payloads for the peer go out in order through ``send_nowait``
+(``PeerLink.send_nowait``) at once while the link can take them, and through the ``send``
+coroutine from one sender task when they must wait (the link's write buffer is full, or the
+record budget is used up until the rekey), so the link's read path never waits on a socket.
 
 Sockets are :class:`asyncio.BufferedProtocol` objects: the kernel copies stream bytes straight
 into a per-stream buffer that already holds the DATA header, so a chunk of up to one record
@@ -50,6 +52,9 @@ STREAM_QUEUE_MAX = 2 * (m.HEADER + m.MAX_DATA)
 #: reached with more than ~130 busy streams; below it the per-stream limit keeps the order fair).
 SEND_QUEUE_HIGH_WATER = 16 << 20
 SEND_QUEUE_LOW_WATER = 8 << 20
+#: REFUSED answers waiting for the peer link above this are dropped and counted: a peer that
+#: floods OPENs without reading our answers cannot grow the queue (TS9).
+MAX_QUEUED_REFUSALS = 1024
 CONNECT_TIMEOUT_SECONDS = 10.0
 STOP_FLUSH_SECONDS = 1.0
 _LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
@@ -147,6 +152,8 @@ class TunnelService:
         initiator: bool,
         send: Callable[[bytes, object | None], Awaitable[None]],
         is_up: Callable[[], bool],
+        send_nowait: Callable[[bytes, object | None], None] | None = None,
+        can_send_now: Callable[[], bool] | None = None,
         window: int = x.DEFAULT_WINDOW,
         max_streams: int = x.DEFAULT_MAX_STREAMS,
         connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
@@ -164,6 +171,11 @@ class TunnelService:
             max_streams=max_streams,
         )
         self._send = send
+        self._send_nowait = send_nowait
+        self._can_send_now = can_send_now
+        self._sender_busy = False  # the sender task holds the queue (waiting for the link)
+        self._queued_refusals = 0
+        self.refusals_dropped = 0
         self._is_up = is_up
         self._connect_timeout = connect_timeout
         self._streams: dict[int, _Stream] = {}
@@ -241,6 +253,7 @@ class TunnelService:
         self._generation += 1
         self._queue.clear()
         self.send_queue_bytes = 0
+        self._queued_refusals = 0
         self.mux.link_down()
         self._flush()
 
@@ -331,17 +344,65 @@ class TunnelService:
             gen = self._generation
             for p in out:
                 st = None
-                if p[0] == m.Kind.DATA:  # count it against its stream (fair turns)
+                kind = p[0]
+                if kind == m.Kind.DATA:  # count it against its stream (fair turns)
                     st = self._streams.get(int.from_bytes(p[1 : m.HEADER]))
                     if st is not None:
                         st.queued += len(p)
+                elif kind == m.Kind.REFUSED:
+                    if self._queued_refusals >= MAX_QUEUED_REFUSALS:
+                        self.refusals_dropped += 1  # an OPEN flood the peer does not read
+                        continue
+                    self._queued_refusals += 1
                 self._queue.append((gen, p, st))
                 self.send_queue_bytes += len(p)
-            self._wake.set()
             if self.send_queue_bytes > SEND_QUEUE_HIGH_WATER and not self._queue_paused:
                 self._queue_paused = True
                 for st in self._streams.values():
                     st.set_reading(False)
+            self._pump()
+
+    def _pump(self) -> None:
+        """Hand queued payloads to the link now, while it can take them without waiting (no
+        task, no await per record); what must wait (write buffer full, record budget used up
+        until the rekey) goes to the sender task, which keeps the order."""
+        q = self._queue
+        if self._sender_busy or self._send_nowait is None or self._can_send_now is None:
+            if q:
+                self._wake.set()
+            return
+        send_nowait, can_send_now = self._send_nowait, self._can_send_now
+        while q and can_send_now():
+            gen, payload, st = q.popleft()
+            self._taken(payload, st)
+            if gen != self._generation:
+                continue  # belongs to streams of a lost connection
+            try:
+                send_nowait(payload, None)
+            except PeerUnavailable:
+                self.send_failures += 1  # the link is going down; on_down resets (TS14)
+            except GatewayError as exc:
+                self.send_failures += 1
+                log.warning("tunnel payload not sent: %s", exc)
+        if q:
+            self._wake.set()
+        self._resume_queue()
+
+    def _taken(self, payload: bytes, st: _Stream | None) -> None:
+        """``payload`` left the queue (sent, or dropped as stale)."""
+        self.send_queue_bytes -= len(payload)
+        if payload[0] == m.Kind.REFUSED:
+            self._queued_refusals -= 1
+        if st is not None:
+            st.queued -= len(payload)
+            if not st.reading and st.queued < STREAM_QUEUE_MAX:
+                self._update_reading(st)
+
+    def _resume_queue(self) -> None:
+        if self._queue_paused and self.send_queue_bytes < SEND_QUEUE_LOW_WATER:
+            self._queue_paused = False
+            for st in list(self._streams.values()):
+                self._update_reading(st)
 
     def _apply(self, ev: x.Event) -> None:
         if isinstance(ev, x.Received):
@@ -415,27 +476,27 @@ class TunnelService:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while q:
-                gen, payload, st = q.popleft()
-                self.send_queue_bytes -= len(payload)
-                if st is not None:
-                    st.queued -= len(payload)
-                    if not st.reading and st.queued < STREAM_QUEUE_MAX:
-                        self._update_reading(st)
-                if gen != self._generation:
-                    continue  # belongs to streams of a lost connection
-                try:
-                    await self._send(payload, None)
-                except PeerUnavailable:
-                    # The link is going down; its on_down resets the streams (TS14).
-                    self.send_failures += 1
-                except GatewayError as exc:
-                    self.send_failures += 1
-                    log.warning("tunnel payload not sent: %s", exc)
-                if self._queue_paused and self.send_queue_bytes < SEND_QUEUE_LOW_WATER:
-                    self._queue_paused = False
-                    for st in list(self._streams.values()):
-                        self._update_reading(st)
+            self._sender_busy = True
+            try:
+                while q:
+                    if self._can_send_now is not None and self._can_send_now():
+                        break  # the link has room again: the direct path goes on
+                    gen, payload, st = q.popleft()
+                    self._taken(payload, st)
+                    if gen != self._generation:
+                        continue  # belongs to streams of a lost connection
+                    try:
+                        await self._send(payload, None)  # waits for the write buffer or rekey
+                    except PeerUnavailable:
+                        # The link is going down; its on_down resets the streams (TS14).
+                        self.send_failures += 1
+                    except GatewayError as exc:
+                        self.send_failures += 1
+                        log.warning("tunnel payload not sent: %s", exc)
+                    self._resume_queue()
+            finally:
+                self._sender_busy = False
+            self._pump()
 
     def status(self) -> list[dict[str, Any]]:
         """One entry per configured tunnel, for ``qgw status`` (``/status``)."""
@@ -483,5 +544,6 @@ class TunnelService:
                 "protocol": self.mux.protocol_errors,
                 "stale": self.mux.stale_messages,
                 "send": self.send_failures,
+                "refusals_dropped": self.refusals_dropped,
             },
         )

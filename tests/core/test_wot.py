@@ -35,6 +35,7 @@ class Intro:
         return wot.load_introducer(self.cert, trust or self.trust)
 
     def endorse(self, name: str, pub: bytes, **kw: object) -> bytes:
+        kw.setdefault("now", NOW)  # NOW, not the wall clock: the suite may run > 5 min later
         pem = wot.endorse(self.cert, self.key, name, pub, **kw)  # type: ignore[arg-type]
         return x509.load_cert_chain(pem)[0]
 
@@ -48,10 +49,10 @@ class Gw:
 
 @pytest.fixture(scope="module")
 def intros() -> dict[str, Intro]:
-    out = {"full": Intro(*wot.create_introducer("full-1"), wot.Trust.FULL)}
+    out = {"full": Intro(*wot.create_introducer("full-1", now=NOW), wot.Trust.FULL)}
     for n in (1, 2, 3):
-        out[f"m{n}"] = Intro(*wot.create_introducer(f"marginal-{n}"), wot.Trust.MARGINAL)
-    out["rogue"] = Intro(*wot.create_introducer("rogue"), wot.Trust.FULL)  # configured nowhere
+        out[f"m{n}"] = Intro(*wot.create_introducer(f"marginal-{n}", now=NOW), wot.Trust.MARGINAL)
+    out["rogue"] = Intro(*wot.create_introducer("rogue", now=NOW), wot.Trust.FULL)  # nowhere
     return out
 
 

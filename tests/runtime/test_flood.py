@@ -315,7 +315,7 @@ async def test_real_peer_resumes_through_a_flood_with_three_qkd_keys(
         waiting = gated.waiting
         cur = a.link._current
         assert cur is not None
-        cur.writer.transport.abort()  # the real connection breaks during the flood
+        cur.transport.abort()  # the real connection breaks during the flood
         await until(lambda: gated.waiting > waiting, 20)  # A was admitted (ADMIT verified)
         before = _metric(b, "qgw_admission_evictions_total")
         await until(lambda: _metric(b, "qgw_admission_evictions_total") > before + 200, 20)
@@ -509,7 +509,7 @@ async def test_initiator_counts_a_resumption_only_when_the_responder_confirms_it
         monkeypatch.setattr(Connection, "receive_data", rx)
         cur = a.link._current
         assert cur is not None
-        cur.writer.transport.abort()
+        cur.transport.abort()
         await until(lambda: a.link.status.epoch == 1 and a.link.is_up(), 20)  # REKEY_RESP ok
         assert b.link.status.resumptions == 0
         assert a.link.status.resumptions == 0

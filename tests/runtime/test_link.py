@@ -89,7 +89,7 @@ async def test_link_end_to_end(tmp_path: Path) -> None:
         # cut the TCP connection: the initiator reconnects and RESUMES (no new bootstrap)
         cur = a.link._current
         assert cur is not None
-        cur.writer.transport.abort()
+        cur.transport.abort()
         await until(lambda: a.link.status.resumptions == 1 and a.link.is_up() and b.link.is_up())
         assert a.link.status.handshakes == 1
         assert a.downs >= 1
