@@ -50,6 +50,7 @@ PROVERIF_MODELS = [
     "resume_fixed.pv",
     "bootstrap_off.pv",
     "admission.pv",
+    "downgrade.pv",
 ]
 SPIN_MODELS = ["spin/epochs.pml", "spin/keyids.pml"]
 # (id, model, spin -D defines, expected outcome)
