@@ -51,6 +51,8 @@ PROVERIF_MODELS = [
     "bootstrap_off.pv",
     "admission.pv",
     "downgrade.pv",
+    "rekey2.pv",
+    "reflect.pv",
 ]
 SPIN_MODELS = ["spin/epochs.pml", "spin/keyids.pml"]
 # (id, model, spin -D defines, expected outcome)
