@@ -53,6 +53,7 @@ PROVERIF_MODELS = [
     "downgrade.pv",
     "rekey2.pv",
     "reflect.pv",
+    "reflect_rk.pv",
 ]
 SPIN_MODELS = ["spin/epochs.pml", "spin/keyids.pml"]
 # (id, model, spin -D defines, expected outcome)
