@@ -52,6 +52,8 @@ PROVERIF_MODELS = [
     "admission.pv",
     "downgrade.pv",
     "rekey2.pv",
+    "rekey2_pref_sec.pv",
+    "rekey2_pref_auth.pv",
     "reflect.pv",
     "reflect_rk.pv",
 ]
