@@ -1,8 +1,13 @@
 """Run every formal model of qgw/1 and write the receipt ``formal/results.json``.
 
     python formal/run.py              # ProVerif (if on PATH) and spin; writes results.json
-    python formal/run.py --spin-only  # only the Promela model (what CI can run)
+    python formal/run.py --spin-only  # only the Promela models (what CI can run)
     python formal/run.py --proverif-only [MODEL.pv ...]
+    python formal/run.py --only MODEL.pv [--only MODEL.pv ...]   # just these ProVerif files
+
+Running a subset rewrites only those files' entries of the receipt; the entries of every other
+file are kept (they stay valid as long as that file and qgw.pvl are unchanged, which the receipt
+test checks by hash).
 
 ProVerif is not packaged in Debian, PyPI or npm: formal/README.md says how to build it. Each
 ProVerif query in a model file is preceded by a marker comment ``(*@ ID *)``; the results are
@@ -11,7 +16,7 @@ prints no per-query time, so a query's ``seconds`` is the wall time from the pre
 line (or from the start) to its own result line, read from ProVerif's output as it streams. ProVerif's whole output (with the attack traces of
 false queries) is kept in ``$TMPDIR/qgw-proverif-logs/MODEL.log``.
 
-The Promela model is run by spin as ``spin [-D...] -a``, ``gcc -O2 -DSAFETY pan.c``,
+Each Promela model (``SPIN_RUNS``: model file, defines) is run by spin as ``spin [-D...] -a``, ``gcc -O2 -DSAFETY pan.c``,
 ``./pan -m200000`` in a temporary folder; a run ``passes`` when pan reports ``errors: 0`` and
 a full search, and ``fails`` (a counterexample) when it reports errors.
 """
@@ -43,13 +48,37 @@ PROVERIF_MODELS = [
     "rekey.pv",
     "resume.pv",
     "resume_fixed.pv",
+    "bootstrap_off.pv",
+    "admission.pv",
+    "downgrade.pv",
+    "rekey2.pv",
+    "rekey2_pref_sec.pv",
+    "rekey2_pref_auth.pv",
+    "reflect.pv",
+    "reflect_rk.pv",
 ]
-SPIN_MODEL = "spin/epochs.pml"
-# (id, spin -D defines, expected outcome)
+SPIN_MODELS = ["spin/epochs.pml", "spin/keyids.pml"]
+# (id, model, spin -D defines, expected outcome)
 SPIN_RUNS = [
-    ("S-EPOCHS", [], "pass"),
-    ("S-SANITY-NO-NEXT", ["-DNO_NEXT"], "counterexample"),
-    ("S-SANITY-FORGET-NEXT", ["-DFORGET_NEXT"], "counterexample"),
+    ("S-EPOCHS", "spin/epochs.pml", [], "pass"),
+    ("S-SANITY-NO-NEXT", "spin/epochs.pml", ["-DNO_NEXT"], "counterexample"),
+    ("S-SANITY-FORGET-NEXT", "spin/epochs.pml", ["-DFORGET_NEXT"], "counterexample"),
+    ("S-KEYIDS", "spin/keyids.pml", [], "pass"),
+    ("S-KEYIDS-SET-ONLY", "spin/keyids.pml", ["-DKME_REPEATS", "-DRESTARTS=0"], "pass"),
+    ("S-KEYIDS-KME-ONLY", "spin/keyids.pml", ["-DNO_USED_SET", "-DRESTARTS=0"], "pass"),
+    (
+        "S-SANITY-KEYIDS-NO-SET",
+        "spin/keyids.pml",
+        ["-DKME_REPEATS", "-DNO_USED_SET", "-DRESTARTS=0"],
+        "counterexample",
+    ),
+    ("S-SANITY-KEYIDS-RESTART", "spin/keyids.pml", ["-DKME_REPEATS"], "counterexample"),
+    (
+        "S-SANITY-KEYIDS-EVICT",
+        "spin/keyids.pml",
+        ["-DKME_REPEATS", "-DRESTARTS=0", "-DCAP=2"],
+        "counterexample",
+    ),
 ]
 PROVERIF_TIMEOUT = 3600.0
 # ProVerif's full output (attack traces included) goes here, outside the repository.
@@ -113,13 +142,13 @@ def run_proverif(model: str, proverif: str) -> dict[str, Any]:
     }
 
 
-def run_spin(defines: list[str], workdir: Path) -> dict[str, object]:
+def run_spin(model: str, defines: list[str], workdir: Path) -> dict[str, object]:
     """spin -a, gcc, ./pan in ``workdir``; the outcome and pan's state count."""
-    src = HERE / SPIN_MODEL
-    shutil.copy(src, workdir / "epochs.pml")
+    src = HERE / model
+    shutil.copy(src, workdir / src.name)
     start = time.monotonic()
     subprocess.run(  # noqa: S603 -- spin and gcc from PATH (setup.sh), our model
-        ["spin", *defines, "-a", "epochs.pml"],  # noqa: S607
+        ["spin", *defines, "-a", src.name],  # noqa: S607
         cwd=workdir,
         check=True,
         capture_output=True,
@@ -176,13 +205,20 @@ def proverif_version(proverif: str) -> str:
 
 
 def spin_all() -> dict[str, object]:
-    runs = []
-    for run_id, defines, expected in SPIN_RUNS:
-        with tempfile.TemporaryDirectory(prefix="qgw-spin-") as tmp:
-            r = run_spin(defines, Path(tmp))
-        runs.append({"id": run_id, "defines": defines, "expected": expected, **r})
-        print(f"{SPIN_MODEL} {' '.join(defines) or '(default)'}: {r['outcome']}", flush=True)
-    return {"sha256": sha256(HERE / SPIN_MODEL), "version": spin_version(), "runs": runs}
+    """Every spin run, grouped by model file: {model: {sha256, version, runs}}."""
+    out: dict[str, object] = {}
+    version = spin_version()
+    for model in SPIN_MODELS:
+        runs = []
+        for run_id, run_model, defines, expected in SPIN_RUNS:
+            if run_model != model:
+                continue
+            with tempfile.TemporaryDirectory(prefix="qgw-spin-") as tmp:
+                r = run_spin(model, defines, Path(tmp))
+            runs.append({"id": run_id, "defines": defines, "expected": expected, **r})
+            print(f"{model} {' '.join(defines) or '(default)'}: {r['outcome']}", flush=True)
+        out[model] = {"sha256": sha256(HERE / model), "version": version, "runs": runs}
+    return out
 
 
 def save(update: dict[str, Any]) -> None:
@@ -205,9 +241,22 @@ def main() -> int:
     ap.add_argument("--spin-only", action="store_true")
     ap.add_argument("--proverif-only", action="store_true")
     ap.add_argument("models", nargs="*", help="ProVerif model files (default: all)")
+    ap.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="MODEL.pv",
+        help="run just this ProVerif model file (repeatable); implies --proverif-only",
+    )
     args = ap.parse_args()
+    if args.only:
+        unknown = sorted(set(args.only) - set(PROVERIF_MODELS))
+        if unknown:
+            ap.error(f"not a model of PROVERIF_MODELS: {', '.join(unknown)}")
+        args.proverif_only = True
+        args.models = [*args.models, *args.only]
     if not args.proverif_only:
-        save({"spin": {SPIN_MODEL: spin_all()}})
+        save({"spin": spin_all()})
     if args.spin_only:
         return 0
     proverif = shutil.which("proverif")

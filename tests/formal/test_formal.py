@@ -6,8 +6,8 @@
   the README's "obtained" column must say what the receipt says).
 - When ``proverif`` is on PATH, the ProVerif models are run for real and must give the expected
   results (ProVerif is not packaged; CI checks the receipt instead).
-- spin (installed by scripts/setup.sh) checks the Promela model of the epoch slots for real:
-  the model must pass and each sanity variant must produce a counterexample.
+- spin (installed by scripts/setup.sh) checks the Promela models for real (the epoch slots,
+  key-ID reuse): each model must pass and each sanity variant must produce a counterexample.
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ def test_every_model_file_matches_its_recorded_hash() -> None:
     } | {str(p.relative_to(FORMAL)) for p in FORMAL.glob("spin/*.pml")}
     assert on_disk == set(recorded), "model files and receipt differ: run python formal/run.py"
     assert set(pv["models"]) == set(run.PROVERIF_MODELS)
+    assert set(receipt["spin"]) == set(run.SPIN_MODELS)
     for rel, digest in sorted(recorded.items()):
         assert run.sha256(FORMAL / rel) == digest, f"{rel} changed since its recorded run"
     if pv["models"]:
@@ -129,8 +130,11 @@ def test_proverif_model_results(model: str) -> None:
         assert q["result"] == table[q["id"]]["expected"], q["id"]
 
 
-@pytest.mark.parametrize(("run_id", "defines", "expected"), run.SPIN_RUNS)
-def test_spin_epoch_slots(run_id: str, defines: list[str], expected: str, tmp_path: Path) -> None:
-    result = run.run_spin(defines, tmp_path)
+@pytest.mark.parametrize(("run_id", "model", "defines", "expected"), run.SPIN_RUNS)
+def test_spin_models(
+    run_id: str, model: str, defines: list[str], expected: str, tmp_path: Path
+) -> None:
+    """epochs.pml (the epoch slots) and keyids.pml (key-ID reuse), for real."""
+    result = run.run_spin(model, defines, tmp_path)
     assert result["outcome"] == expected, (run_id, result)
     assert _table()[run_id]["expected"] == expected
