@@ -349,7 +349,7 @@ async def _peer_main(config_path: str) -> None:
                 cur = link._current
                 t0 = time.monotonic()
                 if cur is not None:
-                    cur.writer.transport.abort()
+                    cur.transport.abort()
                 ok = True
                 try:
                     async with asyncio.timeout(30):
