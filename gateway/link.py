@@ -175,7 +175,8 @@ class _SessionProtocol(asyncio.Protocol):
         self.paused = False
         self.lost = False
         self.lost_exc: Exception | None = None
-        self._waiters: list[asyncio.Future[None]] = []
+        self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters: list[asyncio.Future[None]] = []  # drain() calls
 
     def bind(self, session: _Session) -> None:
         self.session = session
@@ -196,10 +197,9 @@ class _SessionProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost, self.lost_exc = True, exc
-        for w in self._waiters:
-            if not w.done():
-                w.set_result(None)
-        self._waiters.clear()
+        if not self.gone.done():
+            self.gone.set_result(None)
+        self._release_waiters()
         if self.session is not None:
             self.session.on_lost(exc)
 
@@ -208,6 +208,9 @@ class _SessionProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.paused = False
+        self._release_waiters()
+
+    def _release_waiters(self) -> None:
         for w in self._waiters:
             if not w.done():
                 w.set_result(None)
@@ -347,7 +350,10 @@ class _Session:
         try:
             while True:
                 if self._delivering is not None:
-                    await self._finish_delivery()
+                    await self._drain_events()  # a handler that had to wait, and what follows
+                    self.flush()
+                    if not self.lost and not self.transport.is_closing():
+                        self.transport.resume_reading()
                     continue
                 waiting = self.dispatch()
                 self.flush()
@@ -399,17 +405,8 @@ class _Session:
             self.closed.set()
             await self._close_transport()
 
-    async def _finish_delivery(self) -> None:
-        """Await an on_message that had to wait; then the events behind it, in order."""
-        d, self._delivering = self._delivering, None
-        assert d is not None
-        await d
-        self.dispatch()
-        self.flush()
-        if self._delivering is None and not self.lost and not self.transport.is_closing():
-            self.transport.resume_reading()
-
     async def _drain_events(self) -> None:
+        """Handle every queued event, awaiting in order each handler that has to wait."""
         while True:
             if self._delivering is not None:
                 d, self._delivering = self._delivering, None
@@ -422,16 +419,8 @@ class _Session:
         transport = self.transport
         if not transport.is_closing():
             transport.close()
-        if not self.protocol.lost:
-            waiter = asyncio.get_running_loop().create_future()
-            self.protocol._waiters.append(waiter)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(2):
-                    while not self.protocol.lost:
-                        await waiter
-                        if not self.protocol.lost:
-                            waiter = asyncio.get_running_loop().create_future()
-                            self.protocol._waiters.append(waiter)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.protocol.gone), 2)
         if not self.protocol.lost:
             transport.abort()
 
@@ -1352,20 +1341,20 @@ class PeerLink:
         the session awaits before it handles anything behind this payload."""
         try:
             pending = self.on_message(data, via)
-        except GatewayError as exc:
-            log.warning("peer message not handled: %s", exc)
-            return None
-        except Exception:
-            self.internal_errors += 1
-            log.exception("peer message handler failed")
+        except Exception as exc:  # noqa: BLE001 -- counted and logged in _handler_failed
+            self._handler_failed(exc)
             return None
         return None if pending is None else self._deliver_later(pending)
 
     async def _deliver_later(self, pending: Awaitable[None]) -> None:
         try:
             await pending
-        except GatewayError as exc:
+        except Exception as exc:  # noqa: BLE001 -- counted and logged in _handler_failed
+            self._handler_failed(exc)
+
+    def _handler_failed(self, exc: Exception) -> None:
+        if isinstance(exc, GatewayError):
             log.warning("peer message not handled: %s", exc)
-        except Exception:
+        else:
             self.internal_errors += 1
-            log.exception("peer message handler failed")
+            log.error("peer message handler failed", exc_info=exc)
