@@ -453,7 +453,7 @@ class _Session:
             elif isinstance(ev, RekeyComplete):
                 link._on_rekey(self, ev)
             elif isinstance(ev, Alarm):
-                link._on_alarm(ev)
+                link.report_alarm(ev)
             elif isinstance(ev, Closed):
                 link._on_closed(self, ev)
         return False
@@ -1256,7 +1256,9 @@ class PeerLink:
             self.metrics.set_alarm("qkd_unavailable", False)
             self.status.alarms.pop("qkd_unavailable", None)
 
-    def _on_alarm(self, ev: Alarm) -> None:
+    def report_alarm(self, ev: Alarm) -> None:
+        """Raise or clear an alarm: gauge, ``/status`` detail and the ``alarm NAME:`` log line.
+        The core's alarms come here, and so do the runtime's (broker-session-lost)."""
         if ev.kind in ALARMS:  # one name per alarm in events, logs, metrics, docs (§9)
             self.metrics.set_alarm(ev.kind, ev.active)
         if ev.active:

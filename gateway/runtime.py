@@ -27,6 +27,7 @@ from gateway import sdnotify
 from gateway.bridge.bridge import Bridge
 from gateway.bridge.queue_check import queue_limit_warnings
 from gateway.config import QkdMode, Role, Settings, load_settings, require_files, rule_label
+from gateway.core.connection import Alarm
 from gateway.credentials import kme_certificate_not_after, kme_tls_context, load_credentials
 from gateway.crypto import get_provider
 from gateway.crypto.x509 import OwnCertificate
@@ -127,7 +128,6 @@ class Gateway:
         self.http: HttpServer | None = None
         self._seen: Counter[tuple[str, ...]] = Counter()
         self._session_lost_at: float | None = None  # monotonic time of the last lost session
-        self.alarm_details: dict[str, str] = {}  # alarms raised here (not by the link): detail
 
     async def _send(self, payload: bytes, via: object | None) -> None:
         await self.link.send(payload, via)
@@ -209,7 +209,6 @@ class Gateway:
         """What ``GET /status`` serves (``qgw status``): no key material."""
         st = self.link.status
         view = LinkView(**{f: getattr(st, f) for f in LinkView.__slots__})
-        view.alarms = {**view.alarms, **self.alarm_details}
         return collect_status(
             self.settings,
             self.metrics,
@@ -312,13 +311,15 @@ class Gateway:
         if lost:
             self.metrics.broker_session_lost(lost)
             self._session_lost_at = time.monotonic()
-            self._raise_alarm(BROKER_SESSION_ALARM, BROKER_SESSION_DETAIL)
+            self.link.report_alarm(Alarm(BROKER_SESSION_ALARM, BROKER_SESSION_DETAIL))
         elif (
             self._session_lost_at is not None
             and time.monotonic() - self._session_lost_at > BROKER_SESSION_ALARM_SECONDS
         ):
             self._session_lost_at = None
-            self._clear_alarm(BROKER_SESSION_ALARM, "no further session loss for 10 minutes")
+            self.link.report_alarm(
+                Alarm(BROKER_SESSION_ALARM, "no further session loss for 10 minutes", active=False)
+            )
         for i, rc in enumerate(c.rules):
             rule = self.rule_labels[i]
             self._bump((rule, "out", "forwarded", ""), rc.messages_out)
@@ -342,19 +343,6 @@ class Gateway:
             self.metrics.bridge_event(name, self._delta(("event", name), total))
         for reason, n in c.dropped.items():
             self._bump(("-", "in", "dropped", reason), n)
-
-    def _raise_alarm(self, name: str, detail: str) -> None:
-        """An alarm the runtime owns: gauge, status detail and the ``alarm NAME:`` log line."""
-        self.metrics.set_alarm(name, True)
-        self.alarm_details[name] = detail
-        log.warning("alarm %s: %s", name, detail, extra={"event": "alarm", "reason": name})
-
-    def _clear_alarm(self, name: str, why: str) -> None:
-        self.metrics.set_alarm(name, False)
-        self.alarm_details.pop(name, None)
-        log.info(
-            "alarm %s cleared: %s", name, why, extra={"event": "alarm_cleared", "reason": name}
-        )
 
     def _set_certificates(
         self, own: OwnCertificate | None, kme_not_after: datetime.datetime | None
