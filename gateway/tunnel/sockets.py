@@ -151,9 +151,9 @@ class TunnelService:
         *,
         initiator: bool,
         send: Callable[[bytes, object | None], Awaitable[None]],
+        send_nowait: Callable[[bytes, object | None], None],
+        can_send_now: Callable[[], bool],
         is_up: Callable[[], bool],
-        send_nowait: Callable[[bytes, object | None], None] | None = None,
-        can_send_now: Callable[[], bool] | None = None,
         window: int = x.DEFAULT_WINDOW,
         max_streams: int = x.DEFAULT_MAX_STREAMS,
         connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
@@ -367,26 +367,27 @@ class TunnelService:
         task, no await per record); what must wait (write buffer full, record budget used up
         until the rekey) goes to the sender task, which keeps the order."""
         q = self._queue
-        if self._sender_busy or self._send_nowait is None or self._can_send_now is None:
-            if q:
-                self._wake.set()
-            return
-        send_nowait, can_send_now = self._send_nowait, self._can_send_now
-        while q and can_send_now():
-            gen, payload, st = q.popleft()
-            self._taken(payload, st)
-            if gen != self._generation:
-                continue  # belongs to streams of a lost connection
-            try:
-                send_nowait(payload, None)
-            except PeerUnavailable:
-                self.send_failures += 1  # the link is going down; on_down resets (TS14)
-            except GatewayError as exc:
-                self.send_failures += 1
-                log.warning("tunnel payload not sent: %s", exc)
+        if not self._sender_busy:
+            send_nowait, can_send_now = self._send_nowait, self._can_send_now
+            while q and can_send_now():
+                gen, payload, st = q.popleft()
+                self._taken(payload, st)
+                if gen != self._generation:
+                    continue  # belongs to streams of a lost connection
+                try:
+                    send_nowait(payload, None)
+                except GatewayError as exc:
+                    self._send_failed(exc)
+            self._resume_queue()
         if q:
             self._wake.set()
-        self._resume_queue()
+
+    def _send_failed(self, exc: GatewayError) -> None:
+        """Count a payload the link did not take. PeerUnavailable needs no log line: the link
+        is going down, and its on_down resets the streams (TS14)."""
+        self.send_failures += 1
+        if not isinstance(exc, PeerUnavailable):
+            log.warning("tunnel payload not sent: %s", exc)
 
     def _taken(self, payload: bytes, st: _Stream | None) -> None:
         """``payload`` left the queue (sent, or dropped as stale)."""
@@ -479,7 +480,7 @@ class TunnelService:
             self._sender_busy = True
             try:
                 while q:
-                    if self._can_send_now is not None and self._can_send_now():
+                    if self._can_send_now():
                         break  # the link has room again: the direct path goes on
                     gen, payload, st = q.popleft()
                     self._taken(payload, st)
@@ -487,12 +488,8 @@ class TunnelService:
                         continue  # belongs to streams of a lost connection
                     try:
                         await self._send(payload, None)  # waits for the write buffer or rekey
-                    except PeerUnavailable:
-                        # The link is going down; its on_down resets the streams (TS14).
-                        self.send_failures += 1
                     except GatewayError as exc:
-                        self.send_failures += 1
-                        log.warning("tunnel payload not sent: %s", exc)
+                        self._send_failed(exc)
                     self._resume_queue()
             finally:
                 self._sender_busy = False
