@@ -18,8 +18,6 @@ _RECORD = int(FrameType.RECORD)
 _CONTENT_TYPES: tuple[ContentType | None, ...] = tuple(
     ContentType(b) if b in ContentType._value2member_map_ else None for b in range(256)
 )
-
-
 _CTYPE_BYTES = {c: bytes([c]) for c in ContentType}
 
 
@@ -46,6 +44,9 @@ class _DirectionState:
         self.max_records = max_records
         self.max_bytes = max_bytes
 
+    def _nonce(self, seq: int) -> bytes:
+        return (self._iv ^ seq).to_bytes(12, "big")  # record_nonce, with the IV kept as an int
+
     def wipe(self) -> None:
         self._aead.wipe()
         self._iv = 0
@@ -68,8 +69,8 @@ class SendState(_DirectionState):
             raise LocalProtocolError("record budget of this epoch is exhausted; rekey first")
         seq = self.seq
         plaintext = _CTYPE_BYTES[ctype] + data
-        header = _HEADER.pack(len(plaintext) + (4 + 8 + 1 + AEAD_TAG_LEN), _RECORD, self.epoch, seq)
-        ct = self._aead.seal((self._iv ^ seq).to_bytes(12, "big"), plaintext, header)
+        header = record_header(self.epoch, seq, len(plaintext) + AEAD_TAG_LEN)
+        ct = self._aead.seal(self._nonce(seq), plaintext, header)
         self.seq = seq + 1
         self.bytes += len(data)
         return header + ct
@@ -86,8 +87,8 @@ class RecvState(_DirectionState):
             raise ReplayError(f"record sequence {seq} where {self.seq} was expected")
         if self.seq >= self.max_records:
             raise AuthenticationError("peer exceeded the record budget of this epoch")
-        header = _HEADER.pack(1 + 4 + 8 + len(ciphertext), _RECORD, self.epoch, seq)
-        plaintext = self._aead.open((self._iv ^ seq).to_bytes(12, "big"), ciphertext, header)
+        header = record_header(self.epoch, seq, len(ciphertext))
+        plaintext = self._aead.open(self._nonce(seq), ciphertext, header)
         self.seq += 1
         if not plaintext:
             raise AuthenticationError("empty record plaintext")
