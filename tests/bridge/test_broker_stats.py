@@ -7,6 +7,8 @@ mosquitto with a short ``sys_interval`` (and one whose ACL forbids $SYS).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,29 @@ def sys_publish(topic: str, value: bytes, qos: int = 0, pid: int | None = None) 
         packet_id=pid,
         subscription_ids=[SYS_SUBSCRIPTION_ID],
     )
+
+
+@contextlib.asynccontextmanager
+async def bridged(
+    m: Mosquitto, mosquitto_factory: Any
+) -> AsyncIterator[tuple[Bridge, LinkTransport]]:
+    """Bridge A on broker ``m`` (rule ``# out``) wired in memory to a bridge B on a second broker
+    (rule ``# in``); yields A and the link transport that records what A forwarded."""
+    link = LinkTransport()
+    peer = Bridge(
+        mqtt_settings(mosquitto_factory(), "qgw-b", [{"pattern": "#", "direction": "in"}]),
+        "site-b",
+        LinkTransport(),
+    )
+    link.peer = peer
+    a = Bridge(mqtt_settings(m, "qgw-a", [{"pattern": "#", "direction": "out"}]), "site-a", link)
+    await peer.start()
+    await a.start()
+    try:
+        yield a, link
+    finally:
+        await a.stop(timeout=1)
+        await peer.stop(timeout=1)
 
 
 async def expect_sys_subscribe(conn: BrokerConn) -> Any:
@@ -149,17 +174,7 @@ async def test_real_mosquitto_queue_is_read_and_sys_is_never_forwarded(
     """A rule on '#' does not match $SYS topics (MQTT 5 4.7.2), in the broker and in the
     bridge's own matcher; the values arrive on the bridge's connection."""
     m: Mosquitto = mosquitto_factory(sys_interval=1)
-    link = LinkTransport()
-    peer = Bridge(
-        mqtt_settings(mosquitto_factory(), "qgw-b", [{"pattern": "#", "direction": "in"}]),
-        "site-b",
-        LinkTransport(),
-    )
-    link.peer = peer
-    a = Bridge(mqtt_settings(m, "qgw-a", [{"pattern": "#", "direction": "out"}]), "site-a", link)
-    await peer.start()
-    await a.start()
-    try:
+    async with bridged(m, mosquitto_factory) as (a, link):
         await eventually(lambda: a.broker_queue() is not None, what="$SYS values")
         q = a.broker_queue()
         assert q is not None
@@ -179,9 +194,6 @@ async def test_real_mosquitto_queue_is_read_and_sys_is_never_forwarded(
         assert not c.rules[0].dropped
         assert a.broker_protocol_errors == 0
         assert c.rules[0].messages_out == 1
-    finally:
-        await a.stop(timeout=1)
-        await peer.stop(timeout=1)
 
 
 async def test_acl_forbids_sys_no_queue_and_the_bridge_works(
@@ -192,17 +204,7 @@ async def test_acl_forbids_sys_no_queue_and_the_bridge_works(
     acl = tmp_path / "acl"
     acl.write_text("topic readwrite #\n")  # '#' grants everything except $SYS/...
     m: Mosquitto = mosquitto_factory(sys_interval=1, extra_config=f"acl_file {acl}\n")
-    link = LinkTransport()
-    peer = Bridge(
-        mqtt_settings(mosquitto_factory(), "qgw-b", [{"pattern": "#", "direction": "in"}]),
-        "site-b",
-        LinkTransport(),
-    )
-    link.peer = peer
-    a = Bridge(mqtt_settings(m, "qgw-a", [{"pattern": "#", "direction": "out"}]), "site-a", link)
-    await peer.start()
-    await a.start()
-    try:
+    async with bridged(m, mosquitto_factory) as (a, link):
         probes(m, "app").publish("plain/1", b"hello")
         await eventually(lambda: len(link.forwarded) == 1, what="the message forwarded")
         await asyncio.sleep(2.5)  # two $SYS rounds we would have seen
@@ -210,6 +212,3 @@ async def test_acl_forbids_sys_no_queue_and_the_bridge_works(
         assert a.connected
         assert a.broker_protocol_errors == 0
         assert [f.topic for f in link.forwarded] == ["plain/1"]
-    finally:
-        await a.stop(timeout=1)
-        await peer.stop(timeout=1)
